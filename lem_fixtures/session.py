@@ -1,0 +1,314 @@
+"""The state of one pytest session: its matrix, loaded models, generated responses and collected results.
+
+A `LemSession` is registered as a pytest plugin object, so its hook methods see every test report,
+also the ones that pytest-xdist workers send to the controller.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import platform
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import __version__
+from . import cases as cases_module
+from .errors import LemError
+
+logger = logging.getLogger(__name__)
+
+SESSION_KEY = pytest.StashKey["LemSession"]()
+TRAINED_SUFFIX = "+lek"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_KERNELS = ("json=kernel/axioms.json", "txt=kernel/lek-kernel.txt")
+
+
+def case_seed(base_seed: int, probe_id: str, condition: str) -> int:
+    """Derive a stable per-case seed, so a sampled case gives the same response in any order or worker."""
+    return (base_seed * 1_000_003 + zlib.crc32(f"{probe_id}\x00{condition}".encode())) % (2**31)
+
+
+class LemSession:
+    """Matrix, engine and results of one pytest session."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.rootdir = Path(config.rootpath)
+        self.results: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.run_name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.report_paths: list[Path] = []
+        self.items: list[pytest.Item] = []
+        self.gate_messages: list[str] = []
+        self._matrix: cases_module.Matrix | None = None
+        self._loaded: dict[str, Any] = {}
+        self._responses: dict[str, dict[str, Any]] = {}
+        self._prefetched: set[str] = set()
+
+    # Configuration
+
+    def option(self, name: str) -> Any:
+        return self.config.getoption(name)
+
+    def path_option(self, name: str, default: str) -> Path:
+        value = self.option(name) or default
+        path = Path(value)
+        return path if path.is_absolute() else self.rootdir / path
+
+    def upstream(self) -> Path | None:
+        value = self.option("--lem-upstream")
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else (Path.cwd() / path)
+        if not path.is_dir():
+            raise LemError(f"--lem-upstream {value}: not a directory; give the path of an upstream LEM checkout")
+        return path.resolve()
+
+    def model_names(self) -> list[str]:
+        names = list(self.option("--lem-model") or [])
+        markexpr = self.config.option.markexpr or ""
+        if not names:
+            names = [DEFAULT_MODEL]
+            if "paper" in markexpr:
+                names = self.paper_model_names()
+        if "training" in markexpr and not any(name.endswith(TRAINED_SUFFIX) for name in names):
+            names = names + [f"{DEFAULT_MODEL}{TRAINED_SUFFIX}"]
+        return names
+
+    def paper_model_names(self) -> list[str]:
+        from .models import load_registry
+
+        return [spec.name for spec in load_registry().values() if spec.paper]
+
+    def generation_params(self):
+        from .generation import GenerationParams
+
+        return GenerationParams(
+            max_tokens=self.option("--lem-max-tokens"),
+            temperature=self.option("--lem-temperature"),
+            top_p=self.option("--lem-top-p"),
+            seed=self.option("--lem-seed"),
+        )
+
+    def params_dict(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.option("--lem-max-tokens"),
+            "temperature": self.option("--lem-temperature"),
+            "top_p": self.option("--lem-top-p"),
+            "seed": self.option("--lem-seed"),
+        }
+
+    def matrix(self) -> cases_module.Matrix:
+        if self._matrix is not None:
+            return self._matrix
+
+        upstream = self.upstream()
+        probe_paths = [self.path_option("--lem-probes", value) for value in self.option("--lem-probes")]
+        if not probe_paths and upstream is None:
+            probe_paths = [self.rootdir / "probes"]
+
+        kernel_specs = list(self.option("--lem-kernel")) or list(
+            cases_module.UPSTREAM_KERNEL_SPECS if upstream is not None else DEFAULT_KERNELS
+        )
+        kernel_base = upstream if (upstream is not None and not self.option("--lem-kernel")) else self.rootdir
+
+        models = self.model_names()
+        paper = frozenset(self.paper_model_names()) if any("/" not in m for m in models) else frozenset()
+        self._matrix = cases_module.build_matrix(
+            models=models,
+            probe_paths=probe_paths,
+            kernel_specs=kernel_specs,
+            kernel_base=kernel_base,
+            upstream=upstream,
+            duplicate_ids=self.option("--lem-duplicate-ids"),
+            trained_models=frozenset(m for m in models if m.endswith(TRAINED_SUFFIX)),
+            paper_models=frozenset(m for m in models if m in paper),
+        )
+        return self._matrix
+
+    # Models and generation
+
+    def model(self, name: str):
+        """Load a model once; loading another one releases the previous, since cases arrive grouped by model."""
+        if name in self._loaded:
+            return self._loaded[name]
+
+        from .models import load_model
+
+        self._loaded.clear()
+        adapter = None
+        base = name
+        if name.endswith(TRAINED_SUFFIX):
+            base = name[: -len(TRAINED_SUFFIX)]
+            adapter = self.trained_adapter(base)
+
+        logger.info("loading model %s", name)
+        loaded = load_model(base, adapter_path=adapter)
+        self._loaded[name] = loaded
+        return loaded
+
+    def trained_adapter(self, base: str) -> Path:
+        from .training import ensure_adapter
+
+        config_path = self.path_option("--lem-training-config", "training/lora.yaml")
+        data_dir = self.path_option("--lem-training-data", "training/data")
+        return ensure_adapter(base, data_dir, config_path)
+
+    def selected_cases(self, model: str) -> list[cases_module.Case]:
+        """Every selected case of a model in this session, in run order."""
+        found = []
+        for item in self.items:
+            case = getattr(item, "callspec", None) and item.callspec.params.get("lem_case")
+            if case is not None and case.model == model:
+                found.append(case)
+        return found
+
+    def response(self, case: cases_module.Case) -> dict[str, Any]:
+        """Return the generated response of a case, generating all selected cases of its model in batches first."""
+        if case.case_id not in self._responses and case.model not in self._prefetched:
+            self._prefetched.add(case.model)
+            batch = self.selected_cases(case.model) or [case]
+            if case not in batch:
+                batch.append(case)
+            self.generate(case.model, batch)
+
+        if case.case_id not in self._responses:
+            self.generate(case.model, [case])
+        return self._responses[case.case_id]
+
+    def generate(self, model_name: str, batch: Sequence[cases_module.Case]) -> None:
+        from .engine import generate_cases
+
+        loaded = self.model(model_name)
+        params = self.generation_params()
+        records = generate_cases(
+            loaded,
+            [(case.probe.prompt, case.kernel.text if case.kernel else None) for case in batch],
+            params,
+            seeds=[case_seed(params.seed or 0, case.probe.id, case.condition) for case in batch],
+            batch_size=self.option("--lem-batch-size"),
+            use_cache=not self.option("--lem-no-cache"),
+            progress=self.progress,
+            label=model_name,
+        )
+        for case, record in zip(batch, records):
+            self._responses[case.case_id] = record
+
+    def progress(self, message: str) -> None:
+        """Print a progress line past pytest's output capture, since generation runs inside a fixture."""
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+        reporter = self.config.pluginmanager.getplugin("terminalreporter")
+        if capture is None or reporter is None:
+            logger.info(message)
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"lem: {message}")
+
+    # Results, gates and reports
+
+    def add_result(self, result: dict[str, Any]) -> None:
+        self.results.append(result)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for name, value in report.user_properties:
+            if name == "lem_result":
+                self.add_result(value)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.items = list(session.items)
+
+    def expectations_dir(self) -> Path:
+        return self.path_option("--lem-expectations", "expectations")
+
+    def expectation(self, model: str):
+        from . import expectations as expectations_module
+
+        return expectations_module.load_expectation(self.expectations_dir(), model)
+
+    def results_for(self, model: str, condition: str | None = None) -> list[dict[str, Any]]:
+        return [
+            result for result in self.results
+            if result["model"] == model and (condition is None or result["condition"] == condition)
+        ]
+
+    def run_settings(self) -> dict[str, Any]:
+        """The configuration that reproduces this run; stored with reports and recorded baselines."""
+        matrix = self._matrix
+        settings: dict[str, Any] = {
+            "params": self.params_dict(),
+            "lem_fixtures": __version__,
+            "python": platform.python_version(),
+            "argv": sys.argv[1:],
+        }
+        if matrix is not None:
+            settings["kernels"] = {kernel.name: {"path": str(kernel.path), "sha256": kernel.sha256} for kernel in matrix.kernels}
+            settings["probes"] = sorted({probe.source for probe in matrix.probes})
+        return settings
+
+    def finish(self) -> None:
+        if not self.results:
+            return
+
+        if self.option("--lem-record"):
+            self.record_baselines()
+
+        if not self.option("--lem-no-report"):
+            from .reports import write_reports
+
+            run_dir = self.path_option("--lem-report-dir", "reports") / self.run_name
+            self.report_paths = write_reports(run_dir, self.results, self.run_settings(), time.time() - self.started)
+
+    def record_baselines(self) -> None:
+        from . import expectations as expectations_module
+
+        by_model: dict[str, list[dict[str, Any]]] = {}
+        for result in self.results:
+            by_model.setdefault(result["model"], []).append(result)
+
+        for model, results in by_model.items():
+            recorded = self.run_settings()
+            recorded.pop("argv", None)
+            recorded["model"] = results[0].get("model_info", {})
+            recorded["versions"] = results[0].get("versions", {})
+            current = self.expectation(model)
+            merged = expectations_module.merge_scores(
+                current, model, expectations_module.scores_by_probe(results), recorded
+            )
+            path = expectations_module.save_expectation(self.expectations_dir(), merged)
+            self.gate_messages.append(f"recorded {len(results)} scores of {model} in {path}")
+
+    def terminal_lines(self) -> list[str]:
+        if not self.results:
+            return []
+
+        from .reports import terminal_table
+
+        lines = terminal_table(self.results)
+        lines.extend(self.gate_messages)
+        for path in self.report_paths:
+            if path.suffix == ".html":
+                lines.append(f"report: {path}")
+        return lines
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+        lines = self.terminal_lines()
+        if not lines:
+            return
+        terminalreporter.section("LEM benchmark")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if hasattr(self.config, "workerinput"):
+            return
+        self.finish()
