@@ -4,3 +4,6 @@ import os
 
 # Plots are written to files; no test needs a display.
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+# The plugin's own tests run pytest in a temporary folder.
+pytest_plugins = ("pytester",)

@@ -98,7 +98,7 @@ class Matrix:
 
 
 def upstream_probes(checkout: Path, duplicate_ids: str = "error") -> "tuple[list[Probe], frozenset[str]]":
-    """Load the paper's 101 probes from an upstream checkout: P01-P20, the casual probe, P21-P100."""
+    """Load the 101 probes of the upstream LEM A/B runs from a checkout: P01-P20, the casual probe, P21-P100."""
     from .probes import Probe, load_probes
 
     missing = [name for name in UPSTREAM_P100_FILES if not (checkout / name).is_file()]

@@ -37,5 +37,9 @@ class TrainingDataError(LemError):
     """Training data that fails validation."""
 
 
+class TrainingConfigError(LemError):
+    """A training config file that is missing, unreadable or has an unknown key or a bad value."""
+
+
 class ExpectationError(LemError):
     """A recorded-baseline file that cannot be read."""

@@ -39,7 +39,9 @@ class Expectation:
     recorded: dict = field(default_factory=dict)
     case_tolerance: float = DEFAULT_CASE_TOLERANCE
     allowed_drop: float = DEFAULT_ALLOWED_DROP
-    path: Path | None = None
+    path: Path | str | None = None
+    # Published condition means, for models whose per-probe figures are not available.
+    published_means: dict[str, float] = field(default_factory=dict)
 
     def score(self, probe_id: str, condition: str) -> float | None:
         return self.scores.get(probe_id, {}).get(condition)
@@ -201,6 +203,11 @@ def check_summary(
         if recorded is not None:
             deltas.append(scores[probe_id] - recorded)
 
+    if not deltas and condition in expectation.published_means and scores:
+        # Only the published mean is known: compare means, with no interval.
+        mean_delta = sum(scores.values()) / len(scores) - expectation.published_means[condition]
+        return SummaryCheck(condition, len(scores), mean_delta, mean_delta, mean_delta, expectation.allowed_drop)
+
     if not deltas:
         return SummaryCheck(condition, 0, 0.0, 0.0, 0.0, expectation.allowed_drop)
 
@@ -214,3 +221,18 @@ def scores_by_probe(results: Sequence[Mapping]) -> dict[str, dict[str, float]]:
     for result in results:
         grouped.setdefault(result["probe"], {})[result["condition"]] = float(result["lek_score"])
     return grouped
+
+
+def published_expectation(model: str, means: Mapping[str, float], source: str) -> Expectation:
+    """A baseline made of a paper model's published condition means (see models.yaml)."""
+    return Expectation(model=model, published_means=dict(means), path=source, recorded={"source": source})
+
+
+def expectation_from_ab_lines(model: str, probe_lines: Sequence[Mapping], source: str) -> Expectation:
+    """A baseline made of the per-probe scores of a published A/B file."""
+    scores: dict[str, dict[str, float]] = {}
+    for line in probe_lines:
+        for condition, entry in line.get("conditions", {}).items():
+            if entry.get("lek_score") is not None:
+                scores.setdefault(str(line["id"]), {})[condition] = float(entry["lek_score"])
+    return Expectation(model=model, scores=scores, path=source, recorded={"source": source})

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from . import cases as cases_module
+from .backend import preload_openblas
 from .errors import LemError
 from .fixtures import (  # noqa: F401  (fixtures are found by name on the plugin module)
     lem_case,
@@ -95,7 +96,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lem-training-data", default=None, metavar="DIR", help="training data for NAME+lek models (default: training/data)")
 
 
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Under pytest-xdist, send all cases of a model to one worker unless --dist was given.
+
+    xdist's own hook (tryfirst) has already turned -n N into --dist load by then.
+    """
+    dist_given = any(arg == "--dist" or arg.startswith("--dist=") for arg in config.invocation_params.args)
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "load" and not dist_given:
+        config.option.dist = "loadgroup"
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # OpenBLAS must be loaded before anything imports mlx, test modules included.
+    preload_openblas()
+
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
     session = LemSession(config)
@@ -129,10 +143,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(str(error)) from error
 
     if wants_case:
+        # Cases share a handful of mark combinations; building each combination once keeps
+        # collection of large probe sets fast.
+        mark_sets: dict[tuple[str, tuple[str, ...]], list] = {}
         params = []
         for case in matrix.cases():
-            marks = [getattr(pytest.mark, name) for name in ("lem_case", *case.marks)]
-            marks.append(pytest.mark.xdist_group(case.model))
+            key = (case.model, case.marks)
+            marks = mark_sets.get(key)
+            if marks is None:
+                marks = [getattr(pytest.mark, name) for name in ("lem_case", *case.marks)]
+                marks.append(pytest.mark.xdist_group(case.model))
+                mark_sets[key] = marks
             params.append(pytest.param(case, marks=marks, id=case.case_id))
         metafunc.parametrize("lem_case", params)
     else:

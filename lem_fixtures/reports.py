@@ -122,29 +122,22 @@ def kernel_effects(results: Sequence[Mapping[str, Any]]) -> list[Effect]:
 
 def training_effects(results: Sequence[Mapping[str, Any]]) -> list[Effect]:
     """Fine-tuning effect (trained baseline - base baseline) and kernel on the trained model, per trained model."""
+    from .training import training_effects as training_rows
+
     grouped = group_by_model(results)
     effects = []
     for model, model_results in grouped.items():
         if not model.endswith(TRAINED_SUFFIX):
             continue
-        trained = scores_table(model_results)
-        trained_baseline = {probe: s[BASELINE] for probe, s in trained.items() if BASELINE in s}
 
         base_name = model[: -len(TRAINED_SUFFIX)]
-        if base_name in grouped:
-            base = scores_table(grouped[base_name])
-            base_baseline = {probe: s[BASELINE] for probe, s in base.items() if BASELINE in s}
-            effect = paired_effect(f"fine-tuning ({model} - {base_name}, {BASELINE})", model, trained_baseline, base_baseline)
-            if effect is not None:
-                effects.append(effect)
-
-        for condition in condition_order(model_results):
-            if condition == BASELINE:
+        base = scores_table(grouped.get(base_name, []))
+        kernels = [condition for condition in condition_order(model_results) if condition != BASELINE]
+        for row in training_rows(base, scores_table(model_results), kernels):
+            if row["n"] == 0:
                 continue
-            treated = {probe: s[condition] for probe, s in trained.items() if condition in s}
-            effect = paired_effect(f"kernel on trained ({condition} - {BASELINE})", model, treated, trained_baseline)
-            if effect is not None:
-                effects.append(effect)
+            label = f"{row['effect']} ({row['comparison']})"
+            effects.append(Effect(label, model, row["n"], row["delta"], row["ci_low"], row["ci_high"]))
     return effects
 
 

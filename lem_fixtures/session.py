@@ -11,7 +11,6 @@ import logging
 import platform
 import sys
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 
 from . import __version__
 from . import cases as cases_module
-from .errors import LemError
+from .errors import LemError, ModelNotAvailableError
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +27,6 @@ SESSION_KEY = pytest.StashKey["LemSession"]()
 TRAINED_SUFFIX = "+lek"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_KERNELS = ("json=kernel/axioms.json", "txt=kernel/lek-kernel.txt")
-
-
-def case_seed(base_seed: int, probe_id: str, condition: str) -> int:
-    """Derive a stable per-case seed, so a sampled case gives the same response in any order or worker."""
-    return (base_seed * 1_000_003 + zlib.crc32(f"{probe_id}\x00{condition}".encode())) % (2**31)
 
 
 class LemSession:
@@ -51,16 +45,24 @@ class LemSession:
         self._loaded: dict[str, Any] = {}
         self._responses: dict[str, dict[str, Any]] = {}
         self._prefetched: set[str] = set()
+        self._unavailable: dict[str, str] = {}
 
     # Configuration
 
     def option(self, name: str) -> Any:
         return self.config.getoption(name)
 
+    def resolve(self, value: str | Path) -> Path:
+        """Resolve a path given on the command line against the directory pytest was started in."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else Path(self.config.invocation_params.dir) / path
+
     def path_option(self, name: str, default: str) -> Path:
-        value = self.option(name) or default
-        path = Path(value)
-        return path if path.is_absolute() else self.rootdir / path
+        """Resolve a path option; its default is taken relative to the rootdir."""
+        value = self.option(name)
+        if value:
+            return self.resolve(value)
+        return self.rootdir / default
 
     def upstream(self) -> Path | None:
         value = self.option("--lem-upstream")
@@ -86,24 +88,21 @@ class LemSession:
     def paper_model_names(self) -> list[str]:
         from .models import load_registry
 
-        return [spec.name for spec in load_registry().values() if spec.paper]
+        return [spec.name for spec in load_registry().values() if not spec.embedded]
 
     def generation_params(self):
         from .generation import GenerationParams
 
-        return GenerationParams(
-            max_tokens=self.option("--lem-max-tokens"),
-            temperature=self.option("--lem-temperature"),
-            top_p=self.option("--lem-top-p"),
-            seed=self.option("--lem-seed"),
-        )
+        return GenerationParams(**self.params_dict())
 
     def params_dict(self) -> dict[str, Any]:
+        """Generation parameters; greedy runs carry no seed, since it cannot change their output."""
+        temperature = self.option("--lem-temperature")
         return {
             "max_tokens": self.option("--lem-max-tokens"),
-            "temperature": self.option("--lem-temperature"),
+            "temperature": temperature,
             "top_p": self.option("--lem-top-p"),
-            "seed": self.option("--lem-seed"),
+            "seed": self.option("--lem-seed") if temperature > 0 else None,
         }
 
     def matrix(self) -> cases_module.Matrix:
@@ -111,17 +110,21 @@ class LemSession:
             return self._matrix
 
         upstream = self.upstream()
-        probe_paths = [self.path_option("--lem-probes", value) for value in self.option("--lem-probes")]
+        probe_paths = [self.resolve(value) for value in self.option("--lem-probes")]
         if not probe_paths and upstream is None:
             probe_paths = [self.rootdir / "probes"]
 
         kernel_specs = list(self.option("--lem-kernel")) or list(
             cases_module.UPSTREAM_KERNEL_SPECS if upstream is not None else DEFAULT_KERNELS
         )
-        kernel_base = upstream if (upstream is not None and not self.option("--lem-kernel")) else self.rootdir
+        if self.option("--lem-kernel"):
+            kernel_base = Path(self.config.invocation_params.dir)
+        else:
+            kernel_base = upstream if upstream is not None else self.rootdir
 
         models = self.model_names()
-        paper = frozenset(self.paper_model_names()) if any("/" not in m for m in models) else frozenset()
+        markexpr = self.config.option.markexpr or ""
+        paper = frozenset(self.paper_model_names()) if "paper" in markexpr else frozenset()
         self._matrix = cases_module.build_matrix(
             models=models,
             probe_paths=probe_paths,
@@ -150,8 +153,16 @@ class LemSession:
             base = name[: -len(TRAINED_SUFFIX)]
             adapter = self.trained_adapter(base)
 
+        if name in self._unavailable:
+            pytest.skip(self._unavailable[name])
+
         logger.info("loading model %s", name)
-        loaded = load_model(base, adapter_path=adapter)
+        try:
+            loaded = load_model(base, adapter_path=adapter)
+        except ModelNotAvailableError as error:
+            # Every case of a model that is not downloaded skips with the command that downloads it.
+            self._unavailable[name] = str(error)
+            pytest.skip(str(error))
         self._loaded[name] = loaded
         return loaded
 
@@ -160,7 +171,7 @@ class LemSession:
 
         config_path = self.path_option("--lem-training-config", "training/lora.yaml")
         data_dir = self.path_option("--lem-training-data", "training/data")
-        return ensure_adapter(base, data_dir, config_path)
+        return ensure_adapter(base, data_dir, config_path).path
 
     def selected_cases(self, model: str) -> list[cases_module.Case]:
         """Every selected case of a model in this session, in run order."""
@@ -193,7 +204,6 @@ class LemSession:
             loaded,
             [(case.probe.prompt, case.kernel.text if case.kernel else None) for case in batch],
             params,
-            seeds=[case_seed(params.seed or 0, case.probe.id, case.condition) for case in batch],
             batch_size=self.option("--lem-batch-size"),
             use_cache=not self.option("--lem-no-cache"),
             progress=self.progress,
@@ -224,6 +234,16 @@ class LemSession:
             if name == "lem_result":
                 self.add_result(value)
 
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Build the matrix before collection when cases are requested, so a bad option fails at once."""
+        from .plugin import cases_requested
+
+        if cases_requested(self.config):
+            try:
+                self.matrix()
+            except LemError as error:
+                raise pytest.UsageError(str(error)) from error
+
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = list(session.items)
 
@@ -231,9 +251,35 @@ class LemSession:
         return self.path_option("--lem-expectations", "expectations")
 
     def expectation(self, model: str):
+        """The model's baseline: its file in expectations/, else the paper's published figures for it."""
         from . import expectations as expectations_module
 
-        return expectations_module.load_expectation(self.expectations_dir(), model)
+        recorded = expectations_module.load_expectation(self.expectations_dir(), model)
+        if recorded is not None:
+            return recorded
+        return self.published_expectation(model)
+
+    def published_expectation(self, model: str):
+        """Per-probe figures from the upstream checkout's A/B file when it has one, else the published means."""
+        from . import expectations as expectations_module
+        from .models import load_registry
+
+        spec = load_registry().get(model)
+        if spec is None or spec.embedded or self._matrix is None:
+            return None
+
+        probe_set = "p100" if len(self._matrix.probes) > cases_module.P20_SIZE else "p20"
+        run = spec.published.get(probe_set)
+        if run is None or run.scorer != "v2":
+            return None
+
+        upstream = self.upstream()
+        if upstream is not None and (upstream / "benchmarks" / run.file).is_file():
+            from .results import read_ab_file
+
+            source = upstream / "benchmarks" / run.file
+            return expectations_module.expectation_from_ab_lines(model, read_ab_file(source).probes, str(source))
+        return expectations_module.published_expectation(model, run.avg_lek, f"models.yaml published.{probe_set} of {model}")
 
     def results_for(self, model: str, condition: str | None = None) -> list[dict[str, Any]]:
         return [
