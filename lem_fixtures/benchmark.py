@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lem_fixtures.errors import LemError, ProbeFileError, ResultFileError
-from lem_fixtures.generation import DEFAULT_BATCH_SIZE, GenerationParams
+from lem_fixtures.generation import DEFAULT_BATCH_SIZE, RECOMMENDED_BATCH_SIZE, GenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
         help=f"sequences generated together (default: {DEFAULT_BATCH_SIZE}, which reproduces mlx_lm.generate token for "
-        "token; 16 is several times faster on a CPU, but its float32 results can differ in the last bits)",
+        f"token). {RECOMMENDED_BATCH_SIZE} is several times faster on a CPU, but its float32 results differ in the last bits, "
+        "so a greedy response can change where two tokens nearly tie",
     )
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 is greedy decoding (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold in (0, 1]; 1 turns it off (default: 1)")

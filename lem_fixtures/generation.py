@@ -5,12 +5,19 @@ the chat template. A template that raises on a system message (Gemma 2 and Mistr
 templates call `raise_exception`) gets one user message "<kernel>\\n\\n<prompt>" instead,
 and a tokenizer without a chat template gets that text as is.
 
-Generation runs greedy by default (temperature 0, as upstream). Two paths exist:
-`batch_size=1` runs one `mlx_lm.generate_step` loop per case, which yields the same tokens
-as upstream's `mlx_lm.generate`; `batch_size>1` runs mlx-lm's `BatchGenerator` (continuous
-batching) over prompts sorted by length. Batched float32 arithmetic on the CPU is not
-bit-identical to the one-sequence path, so greedy texts can differ between the two paths;
-unbatched is the default for that reason.
+Generation runs greedy by default (temperature 0, as upstream), on one of two paths:
+
+- batch_size=1 (the default) runs one `mlx_lm.generate_step` loop per case and yields the
+  same tokens as upstream's `mlx_lm.generate`. A case's text depends only on its inputs.
+- batch_size>1 prefills each prompt on its own and decodes up to batch_size cases together
+  with mlx-lm's `BatchGenerator`, several times faster on a CPU. The decode steps are not
+  bit-identical to the sequential path, because OpenBLAS rounds a row of a float32 matrix
+  product differently depending on how many rows the product has (log-probabilities
+  differ by about 1e-6). A greedy text can therefore change where the top two tokens
+  nearly tie, and it can depend on which other cases shared its batch.
+
+NOTE: on SmolLM2-135M with OpenBLAS 0.3.21, the greedy texts of both paths were equal for
+12 cases at 64 tokens and 12 cases at 256 tokens; equality is not guaranteed elsewhere.
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ from lem_fixtures.errors import KernelError, ModelError
 
 logger = logging.getLogger(__name__)
 
+# 1 keeps every response a function of its own inputs (see the module docstring).
 DEFAULT_BATCH_SIZE = 1
-# Batch size that `--batch-size` documents as the fast setting: the batched CPU throughput of
-# a 135M float32 model grows up to about 16 sequences with OpenBLAS.
+# The fast setting that `lem benchmark --help` suggests: batched float32 decoding of a
+# 135M-parameter model on a CPU with OpenBLAS still gains throughput at 16 sequences.
 RECOMMENDED_BATCH_SIZE = 16
 
 MODE_CHAT = "chat"
@@ -386,8 +394,8 @@ def _generate_one(model: Any, case: _CaseState, context: _RunContext) -> Generat
     return context.finish(case, finish_reason, time.perf_counter())
 
 
-# generate_step's default prefill chunk; the batched path prefills in the same chunks so
-# that its KV caches equal the sequential path's bit for bit.
+# generate_step's default prefill chunk. The batched path prefills in the same chunks, so it
+# runs the same matrix products as the sequential path and gets the same KV caches.
 PREFILL_STEP_SIZE = 2048
 
 

@@ -7,6 +7,7 @@ p100, paper, training, lem_case) or `--lem-cases` selects them.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -75,7 +76,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lem-temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 is greedy (default 0)")
     group.addoption("--lem-top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold (default 1.0)")
     group.addoption("--lem-seed", type=int, default=0, metavar="S", help="base seed; each sampled case derives its own from it (default 0)")
-    group.addoption("--lem-batch-size", type=int, default=None, metavar="N", help="cases generated together per batch (default: the engine's)")
+    group.addoption("--lem-batch-size", type=int, default=None, metavar="N", help="cases generated together in fixed batches (default 16); 1 runs one case at a time, exactly as mlx_lm.generate does")
     group.addoption("--lem-no-cache", action="store_true", help="generate every case again instead of reading the generation cache")
     group.addoption(
         "--lem-report-dir", default="reports", metavar="DIR",
@@ -123,6 +124,19 @@ def markexpr_names(config: pytest.Config) -> set[str]:
 
 def cases_requested(config: pytest.Config) -> bool:
     return config.getoption("--lem-cases") or bool(markexpr_names(config) & set(CASE_MARKERS))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session):
+    """Pause the cyclic garbage collector while collecting: a large matrix creates hundreds of
+    thousands of long-lived items, and repeated full collections over them only cost time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -206,8 +220,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     cases = [item for item in keep if is_case_item(item)]
     summaries = [item for item in cases if "lem_summary" in item.callspec.params]
     if summaries:
-        others = [item for item in keep if item not in set(summaries)]
-        keep = others + summaries
+        summary_ids = {id(item) for item in summaries}
+        keep = [item for item in keep if id(item) not in summary_ids] + summaries
 
     if dropped:
         config.hook.pytest_deselected(items=dropped)

@@ -208,3 +208,15 @@ def test_paper_marker_collects_registry_models(pytester):
     assert "gemma3-1b-it" in models
     assert "lek-gemma3-1b-layered" in models
     assert "smollm2-135m-instruct" not in models
+
+
+@pytest.mark.smoke
+def test_selection_keeps_batched_responses(small_project):
+    options = ["-m", "p20", "--lem-max-tokens", "12", "--lem-batch-size", "4", "--lem-no-report"]
+    small_project.runpytest_subprocess(*options, "--snapshot-update").assert_outcomes(passed=6, skipped=3)
+
+    # Alone and without the cache, P02's cases regenerate their fixed batches and match the snapshots.
+    alone = small_project.runpytest_subprocess(*options, "-k", "P02_", "--lem-no-cache", "-s")
+
+    alone.assert_outcomes(passed=3)
+    alone.stdout.fnmatch_lines(["*batch 1/2: 4 cases, 0 from the cache, 4 to generate*"])
