@@ -1,10 +1,10 @@
 """`lem benchmark`: generate responses to probes under the baseline and each kernel condition, as an A/B file.
 
 The interface and output follow the upstream LEM A/B script: one probe line per probe with
-every condition's response and v2 score, then a summary line. Each probe line is appended and
-flushed as soon as all its conditions are done, and every generated response goes to the
-generation cache at once. A killed run therefore keeps its finished probes in the output file
-and its finished cases in the cache; running the same command again skips the probes in the
+every condition's response and v2 score, then a summary line. Probe lines are appended in
+probe order, each flushed once its conditions and those of every earlier probe are done, and
+every generated response goes to the generation cache at once. A killed run therefore keeps its finished probes in the output file
+and its finished cases in the cache. Running the same command again skips the probes in the
 file and serves the cached cases.
 """
 

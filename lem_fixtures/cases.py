@@ -65,6 +65,8 @@ class Matrix:
     p20_ids: frozenset[str]
     trained_models: frozenset[str] = field(default_factory=frozenset)
     paper_models: frozenset[str] = field(default_factory=frozenset)
+    # Per probe file, how many items were skipped for each reason.
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def conditions(self) -> list[str]:
@@ -136,13 +138,20 @@ def build_matrix(
 ) -> Matrix:
     """Build the matrix from explicit probe files, or from an upstream checkout when one is given."""
     from .kernels import load_kernels
-    from .probes import load_probes
+    from .probes import load_probe_files
 
+    skipped: dict[str, dict[str, int]] = {}
     if upstream is not None and not probe_paths:
         probes, p20_ids = upstream_probes(upstream, duplicate_ids)
     else:
-        probes = load_probes(probe_paths, duplicate_ids=duplicate_ids)
+        probe_files = load_probe_files(probe_paths, duplicate_ids=duplicate_ids)
+        probes = [probe for probe_file in probe_files for probe in probe_file.probes]
+        skipped = {str(probe_file.path): probe_file.skipped for probe_file in probe_files if probe_file.skipped}
         p20_ids = frozenset(probe.id for probe in probes[:P20_SIZE])
+
+    if not probes:
+        sources = ", ".join(str(path) for path in probe_paths) or str(upstream)
+        raise LemError(f"no usable probes in {sources}; each probe needs an id and a non-empty prompt")
 
     kernels = load_kernels(kernel_specs, base_dir=kernel_base)
     names = [kernel.name for kernel in kernels]
@@ -153,4 +162,4 @@ def build_matrix(
         )
 
     logger.info("matrix: %d probes x %d models x %d conditions", len(probes), len(models), len(names) + 1)
-    return Matrix(probes, kernels, models, p20_ids, trained_models, paper_models)
+    return Matrix(probes, kernels, models, p20_ids, trained_models, paper_models, skipped)

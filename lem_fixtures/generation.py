@@ -17,7 +17,8 @@ Generation runs greedy by default (temperature 0, as upstream), on one of two pa
   nearly tie, and it can depend on which other cases shared its batch.
 
 NOTE: on SmolLM2-135M with OpenBLAS 0.3.21, the greedy texts of both paths were equal for
-12 cases at 64 tokens and 12 cases at 256 tokens; equality is not guaranteed elsewhere.
+12 cases at 64 tokens and 12 cases at 256 tokens. Nothing guarantees that equality for
+other models, prompts or BLAS builds.
 """
 
 from __future__ import annotations

@@ -74,23 +74,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--lem-max-tokens", type=int, default=1024, metavar="N", help="maximum generated tokens per case (default 1024)")
     group.addoption("--lem-temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 is greedy (default 0)")
-    group.addoption("--lem-top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold (default 1.0)")
+    group.addoption("--lem-top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold, in (0, 1] (default 1.0)")
     group.addoption("--lem-seed", type=int, default=0, metavar="S", help="base seed; each sampled case derives its own from it (default 0)")
     group.addoption("--lem-batch-size", type=int, default=None, metavar="N", help="cases generated together in fixed batches (default 16); 1 runs one case at a time, exactly as mlx_lm.generate does")
     group.addoption("--lem-no-cache", action="store_true", help="generate every case again instead of reading the generation cache")
     group.addoption(
         "--lem-report-dir", default="reports", metavar="DIR",
-        help="where each run writes reports/<run>/ (default: reports under the rootdir)",
+        help="folder in which each run writes a <run>/ subfolder of reports (default: reports/ of the project)",
     )
     group.addoption("--lem-no-report", action="store_true", help="write no report files")
     group.addoption(
         "--lem-record", action="store_true",
-        help="write the scores of this run into expectations/<model>.yaml instead of gating on them",
+        help="write the scores of this run into <baselines folder>/<model>.yaml instead of gating on them",
     )
-    group.addoption("--lem-expectations", default="expectations", metavar="DIR", help="folder of recorded baselines (default: expectations)")
+    group.addoption("--lem-expectations", default="expectations", metavar="DIR", help="folder of recorded baselines (default: expectations/ of the project)")
     group.addoption(
         "--lem-duplicate-ids", choices=("error", "number"), default="error",
-        help="what a repeated probe id with another prompt does: fail (error) or get a ~N suffix (number)",
+        help="what a repeated probe id with another prompt does: fail (error, the default) or get a ~N suffix (number)",
     )
     group.addoption("--lem-cases", action="store_true", help="run the probe cases even without a case marker in -m")
     group.addoption("--lem-training-config", default=None, metavar="FILE", help="LoRA configuration for NAME+lek models (default: training/lora.yaml)")

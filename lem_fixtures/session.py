@@ -33,12 +33,15 @@ SUITE_BATCH_SIZE = 16
 DEFAULT_KERNELS = ("json=kernel/axioms.json", "txt=kernel/lek-kernel.txt")
 
 
+class LemProbeWarning(UserWarning):
+    """A probe file with items that cannot be used as probes."""
+
+
 class LemSession:
     """Matrix, engine and results of one pytest session."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        self.rootdir = Path(config.rootpath)
         self.results: list[dict[str, Any]] = []
         self.started = time.time()
         self.run_name = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -61,12 +64,22 @@ class LemSession:
         path = Path(value).expanduser()
         return path if path.is_absolute() else Path(self.config.invocation_params.dir) / path
 
+    def project_dir(self) -> Path:
+        """The folder that holds probes/, kernel/, expectations/: where pytest.ini is, else where pytest started.
+
+        Not the rootdir: pytest picks the rootdir before plugin options are known, so the value of
+        `--lem-probes PATH` written with a space can move it elsewhere.
+        """
+        if self.config.inipath is not None:
+            return Path(self.config.inipath).parent
+        return Path(self.config.invocation_params.dir)
+
     def path_option(self, name: str, default: str) -> Path:
-        """Resolve a path option; its default is taken relative to the rootdir."""
+        """Resolve a path option; its default is taken relative to the project folder."""
         value = self.option(name)
         if value:
             return self.resolve(value)
-        return self.rootdir / default
+        return self.project_dir() / default
 
     def upstream(self) -> Path | None:
         value = self.option("--lem-upstream")
@@ -116,7 +129,7 @@ class LemSession:
         upstream = self.upstream()
         probe_paths = [self.resolve(value) for value in self.option("--lem-probes")]
         if not probe_paths and upstream is None:
-            probe_paths = [self.rootdir / "probes"]
+            probe_paths = [self.project_dir() / "probes"]
 
         kernel_specs = list(self.option("--lem-kernel")) or list(
             cases_module.UPSTREAM_KERNEL_SPECS if upstream is not None else DEFAULT_KERNELS
@@ -124,7 +137,7 @@ class LemSession:
         if self.option("--lem-kernel"):
             kernel_base = Path(self.config.invocation_params.dir)
         else:
-            kernel_base = upstream if upstream is not None else self.rootdir
+            kernel_base = upstream if upstream is not None else self.project_dir()
 
         models = self.model_names()
         markexpr = self.config.option.markexpr or ""
@@ -268,9 +281,16 @@ class LemSession:
 
         if cases_requested(self.config):
             try:
-                self.matrix()
+                matrix = self.matrix()
             except LemError as error:
                 raise pytest.UsageError(str(error)) from error
+
+            for path, reasons in matrix.skipped.items():
+                details = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+                self.config.issue_config_time_warning(
+                    LemProbeWarning(f"{path}: skipped unusable probe items ({details}); fix or remove them"),
+                    stacklevel=2,
+                )
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.items = list(session.items)
