@@ -220,3 +220,15 @@ def test_selection_keeps_batched_responses(small_project):
 
     alone.assert_outcomes(passed=3)
     alone.stdout.fnmatch_lines(["*batch 1/2: 4 cases, 0 from the cache, 4 to generate*"])
+
+
+@pytest.mark.smoke
+def test_trained_model_joins_matrix(small_project):
+    result = small_project.runpytest_subprocess(
+        "-m", "training", "-k", "P01_ and lek", "--lem-max-tokens", "8", "--lem-no-report", "--snapshot-update",
+        f"--lem-training-config={REPO / 'training' / 'smoke.yaml'}",
+        f"--lem-training-data={REPO / 'training' / 'data'}",
+    )
+
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*smollm2-135m-instruct+lek*baseline*"])

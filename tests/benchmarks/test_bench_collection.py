@@ -32,7 +32,7 @@ def synthesise_probes(path: Path, count: int) -> None:
 
 def peak_rss_mib(status_text: str) -> float:
     for line in status_text.splitlines():
-        if line.startswith("Maximum resident set size"):
+        if line.strip().startswith("Maximum resident set size"):
             return int(line.split(":")[1]) / 1024
     raise AssertionError(f"no peak memory in /usr/bin/time output: {status_text[-500:]}")
 
