@@ -28,7 +28,6 @@ UPSTREAM_CASUAL_PROBE = {
     "prompt": "cya later alligator",
 }
 
-UPSTREAM_P20_FILE = "seeds/P01-P20.json"
 UPSTREAM_P100_FILES = (
     "seeds/P01-P20.json",
     "seeds/P21-P40.json",
@@ -42,7 +41,7 @@ UPSTREAM_KERNEL_SPECS = ("json=kernel/lek-1-kernel.txt#2", "txt=kernel/lek-1-ker
 
 @dataclass(frozen=True)
 class Case:
-    """One probe answered by one model under one condition."""
+    """One probe, given to one model under one condition."""
 
     probe: "Probe"
     model: str

@@ -1,5 +1,8 @@
 """Cached generation of many cases on one model: render, read the cache, generate the misses, store each at once."""
 
+# NOTE: lem_fixtures.cache.generate_with_cache does the same job for `lem benchmark`, with keys that
+# also cover the stop token ids. Moving the suite onto it changes every cached suite response's key.
+
 from __future__ import annotations
 
 import hashlib
@@ -42,7 +45,7 @@ def generate_cases(
 
     With batch_size 1 the cases run one at a time, as `mlx_lm.generate` does. With a larger
     batch_size all cases form one batch, so pass at most batch_size cases per call. Each record
-    holds the Generation fields, the model's identity, the library versions and whether it came
+    contains the Generation fields, the model's identity, the library versions and whether it came
     from the cache. A newly generated case is written to the cache as soon as it finishes.
     """
     batch_size = batch_size or DEFAULT_BATCH_SIZE

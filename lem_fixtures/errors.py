@@ -6,7 +6,7 @@ class LemError(Exception):
 
 
 class ProbeFileError(LemError):
-    """A probe file that cannot be read or holds an unusable structure."""
+    """A probe file that cannot be read or has an unusable structure."""
 
 
 class DuplicateProbeIdError(ProbeFileError):

@@ -1,8 +1,8 @@
 """The pytest plugin: options, markers, the case matrix, result collection, reports and baselines.
 
 Cases are the parametrizations of any test that requests the `lem_case` fixture. The plain test
-command collects them but deselects them; a marker expression that names a case marker (p20,
-p100, paper, training, lem_case) or `--lem-cases` selects them.
+command collects them but deselects them. They are selected by a marker expression that names a
+case marker (p20, p100, paper, training, lem_case), or by `--lem-cases`.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class LemSession:
         return path if path.is_absolute() else Path(self.config.invocation_params.dir) / path
 
     def project_dir(self) -> Path:
-        """The folder that holds probes/, kernel/, expectations/: where pytest.ini is, else where pytest started.
+        """Return the project folder, which contains probes/, kernel/ and expectations/: the pytest.ini folder, else the start folder.
 
         Not the rootdir: pytest picks the rootdir before plugin options are known, so the value of
         `--lem-probes PATH` written with a space can move it elsewhere.
@@ -221,7 +221,7 @@ class LemSession:
         return blocks
 
     def response(self, case: cases_module.Case) -> dict[str, Any]:
-        """Return the response of a case. The first call for a model generates every batch that holds a selected case."""
+        """Return the response of a case. The first call for a model generates every batch that contains a selected case."""
         if case.case_id not in self._responses and case.model not in self._prefetched:
             self._prefetched.add(case.model)
             selected = {selected.case_id for selected in self.selected_cases(case.model)} | {case.case_id}
@@ -299,7 +299,7 @@ class LemSession:
         return self.path_option("--lem-expectations", "expectations")
 
     def expectation(self, model: str):
-        """The model's baseline: its file in expectations/, else the paper's published figures for it."""
+        """Return the model's baseline: its file in expectations/, else the published LEM figures in models.yaml."""
         from . import expectations as expectations_module
 
         recorded = expectations_module.load_expectation(self.expectations_dir(), model)

@@ -91,7 +91,8 @@ def test_html_is_self_contained(run_dir):
     page = (run_dir / "index.html").read_text()
 
     assert page.count("data:image/png;base64,") == 2
-    assert "http://" not in page and "https://" not in page
+    assert "http://" not in page
+    assert "https://" not in page
     assert json.loads((run_dir / "run.json").read_text())["settings"]["params"]["max_tokens"] == 32
 
 

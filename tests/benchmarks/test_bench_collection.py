@@ -1,6 +1,6 @@
 """Collection cost of the case matrix at the scale of the largest upstream seed corpus.
 
-The upstream project holds about 91K seed probes; this benchmark synthesises that many, collects
+The upstream project has about 91K seed probes. This benchmark synthesises that many, collects
 91K × 3 conditions × 1 model cases in a fresh pytest process and records its wall time and peak
 memory (targets: 30 s, 2 GiB).
 """
