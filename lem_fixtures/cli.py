@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "benchmark": ("lem_fixtures.benchmark", "Run probes under baseline and kernel conditions on a model."),
     "convert": ("lem_fixtures.convert", "Convert a GGUF file into an mlx-lm model directory."),
     "info": ("lem_fixtures.info", "Print versions, backend, device and cached models."),
+    "distill": ("lem_fixtures.distill", "Self-distill training data from a model under a kernel condition."),
     "train": ("lem_fixtures.training", "Train a LoRA adapter on LEM training data."),
 }
 

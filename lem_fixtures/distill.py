@@ -10,17 +10,20 @@ score and seed.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from lem_fixtures.errors import LemError
 from lem_fixtures.training_data import write_examples
 
 logger = logging.getLogger(__name__)
@@ -252,3 +255,117 @@ def distilled_data(
             raise
     logger.info("distilled data %s written to %s", key[:16], final)
     return result
+
+
+DEFAULT_K = 4
+DEFAULT_THRESHOLD = 0.0
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_MAX_TOKENS = 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lem_fixtures.benchmark import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(
+        prog="lem distill",
+        description="Self-distill LEM training data: sample each probe K times under a kernel condition, keep the samples "
+        "whose v2 score reaches the threshold and write them as chat examples without the kernel. Prints the data "
+        "folder, which `lem train --data` takes.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or mlx-lm model directory (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--kernel", metavar="NAME=PATH",
+        help="kernel condition to sample under; PATH#N takes the Nth JSON document of a file "
+        "(default: json=kernel/axioms.json of the working folder, else of the project)",
+    )
+    parser.add_argument(
+        "--prompts", nargs="+", type=Path, metavar="PATH",
+        help="probe files or folders to distill from (default: the project's probes/)",
+    )
+    parser.add_argument("--k", type=int, default=DEFAULT_K, metavar="K", help=f"samples per probe (default: {DEFAULT_K})")
+    parser.add_argument(
+        "--threshold", type=float, default=DEFAULT_THRESHOLD, metavar="SCORE",
+        help=f"lowest v2 lek_score a sample needs to be kept (default: {DEFAULT_THRESHOLD:g})",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
+        help=f"sampling temperature, above 0 when K > 1 (default: {DEFAULT_TEMPERATURE})",
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold in (0, 1] (default: 1)")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N", help=f"maximum tokens per sample (default: {DEFAULT_MAX_TOKENS})")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="base seed; each sample derives its own from it (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples generated together (default: 16)")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR",
+        help="write train.jsonl and distill.json to this folder, replacing them (default: the cache, where a repeated "
+        "command reuses them)",
+    )
+    parser.add_argument("--cache-dir", default=None, metavar="DIR", help="cache root (default: $LEM_CACHE_DIR, else $XDG_CACHE_HOME/lem, else ~/.cache/lem)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.k < 1:
+        parser.error(f"--k must be at least 1, got {args.k}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    from lem_fixtures.generation import GenerationParams
+
+    try:
+        params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.k > 1 and args.temperature <= 0:
+        parser.error(f"--k {args.k} needs --temperature above 0; greedy samples of one probe are all the same")
+
+    try:
+        result = _run_cli(args, params)
+    except LemError as error:
+        print(f"lem: error: {error}", file=sys.stderr)
+        return 1
+
+    mean_kept = "none" if result.mean_kept_score is None else f"{result.mean_kept_score:.2f}"
+    print(
+        f"kept {result.n_kept} of {result.n_samples} samples from {result.n_probes} probes "
+        f"(keep rate {result.keep_rate:.2f}, mean kept score {mean_kept}, threshold {result.threshold:g})",
+        file=sys.stderr,
+    )
+    print(result.data_dir)
+    return 0
+
+
+def _run_cli(args: argparse.Namespace, params: Any) -> DistillResult:
+    from lem_fixtures.benchmark import default_kernel_specs, project_root
+    from lem_fixtures.errors import KernelError
+    from lem_fixtures.kernels import load_kernel
+    from lem_fixtures.probes import load_probes
+
+    spec = args.kernel
+    if spec is None:
+        defaults = default_kernel_specs()
+        if not defaults:
+            raise KernelError("no default kernel file found; pass --kernel NAME=PATH")
+        spec = defaults[0]
+    kernel = load_kernel(spec)
+    prompts = args.prompts or [project_root() / "probes"]
+    probes = load_probes(prompts)
+    if args.out is None:
+        return distilled_data(
+            args.model, probes, kernel, k=args.k, threshold=args.threshold, params=params,
+            cache_dir=args.cache_dir, batch_size=args.batch_size,
+        )
+
+    from lem_fixtures.models import load_model
+    from lem_fixtures.training import resolve_model_path
+
+    loaded = load_model(str(resolve_model_path(args.model)))
+    return distill(loaded, probes, kernel, args.k, args.threshold, params, args.out, batch_size=args.batch_size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,11 +6,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
 from .cases import Case
+from .errors import LemError
 from .session import SESSION_KEY, LemSession
 
 class LemBaselineWarning(UserWarning):
@@ -39,6 +40,85 @@ def lem_reference(request: pytest.FixtureRequest) -> Path:
             "to a folder with seeds/ and benchmarks/"
         )
     return path.resolve()
+
+
+def _or_fail(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call `function`; a LemError becomes a test failure that shows its message without a traceback."""
+    try:
+        return function(*args, **kwargs)
+    except LemError as error:
+        message = str(error)
+    pytest.fail(message, pytrace=False)
+
+
+def _default_base(lem_session: LemSession) -> str:
+    """The base model that the training fixtures use when a test names none."""
+    from .session import DEFAULT_MODEL, TRAINED_SUFFIX
+
+    for name in lem_session.model_names():
+        if name.endswith(TRAINED_SUFFIX):
+            return name[: -len(TRAINED_SUFFIX)]
+    names = lem_session.option("--lem-model")
+    return names[0] if names else DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def lem_distill(lem_session: LemSession) -> Callable[..., Any]:
+    """Self-distill training data: `lem_distill(model=None, **settings)` returns a distill.DistillResult.
+
+    The defaults come from the --lem-distill-* options: the first kernel condition, k samples per
+    probe, the v2 threshold, temperature sampling with fixed seeds, and the session's probes.
+    Settings (kernel, probes, k, threshold, max_tokens, temperature, top_p, seed) override them.
+    The data is cached across sessions and distilled once under pytest-xdist.
+    """
+    def distill(model: str | None = None, **settings: Any) -> Any:
+        return _or_fail(lem_session.distilled, model or _default_base(lem_session), **settings)
+
+    return distill
+
+
+@pytest.fixture(scope="session")
+def lem_distilled(lem_distill: Callable[..., Any]) -> Any:
+    """Training data self-distilled from the session's base model with the --lem-distill-* options.
+
+    A distill.DistillResult: data_dir contains train.jsonl (examples without the kernel) and
+    distill.json; keep_rate and mean_kept_score are the bookkeeping.
+    """
+    return lem_distill()
+
+
+@pytest.fixture(scope="session")
+def lem_train(lem_session: LemSession) -> Callable[..., Any]:
+    """Train a LoRA adapter: `lem_train(model=None, data=None, config=None, split="train")` returns a training.CachedAdapter.
+
+    Defaults: the session's base model, --lem-training-data and --lem-training-config. The adapter
+    is cached under a key of base weights, data and config, so a later session reuses it, and a
+    file lock makes one pytest-xdist worker train while the others wait.
+    """
+    from .training import ensure_adapter
+
+    def train(
+        model: str | None = None,
+        data: str | os.PathLike[str] | None = None,
+        config: str | os.PathLike[str] | None = None,
+        split: str | None = None,
+    ) -> Any:
+        base = model or _default_base(lem_session)
+        data_dir = lem_session.resolve(data) if data is not None else lem_session.path_option("--lem-training-data", "training/data")
+        config_path = lem_session.resolve(config) if config is not None else lem_session.path_option("--lem-training-config", "training/lora.yaml")
+        return _or_fail(ensure_adapter, base, data_dir, config_path, train_split=split or lem_session.option("--lem-training-split"))
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def lem_adapter(lem_session: LemSession) -> Any:
+    """The adapter of the session's NAME+lek model (a training.CachedAdapter), trained on first use.
+
+    It is the adapter that the trained cases load: --lem-training-data, or self-distilled data
+    with --lem-distill, and --lem-training-config.
+    """
+    return _or_fail(lem_session.adapter, _default_base(lem_session))
 
 
 @pytest.fixture

@@ -16,10 +16,14 @@ from pathlib import Path
 import pytest
 
 from . import cases as cases_module
+from . import distill
 from .backend import preload_openblas
 from .errors import LemError
 from .fixtures import (  # noqa: F401  (fixtures are found by name on the plugin module)
+    lem_adapter,
     lem_case,
+    lem_distill,
+    lem_distilled,
     lem_expectation,
     lem_gate,
     lem_model,
@@ -27,6 +31,7 @@ from .fixtures import (  # noqa: F401  (fixtures are found by name on the plugin
     lem_result,
     lem_session,
     lem_summary,
+    lem_train,
 )
 from .session import LemSession, SESSION_KEY
 
@@ -95,6 +100,41 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--lem-cases", action="store_true", help="run the probe cases even without a case marker in -m")
     group.addoption("--lem-training-config", default=None, metavar="FILE", help="LoRA configuration for NAME+lek models (default: training/lora.yaml)")
     group.addoption("--lem-training-data", default=None, metavar="DIR", help="training data for NAME+lek models (default: training/data)")
+    group.addoption(
+        "--lem-training-split", choices=("train", "valid", "test"), default="train",
+        help="split of the training data to train on; 'valid' suits a folder with only valid.jsonl and test.jsonl, "
+        "like the upstream release, and then validates on test.jsonl (default: train)",
+    )
+    group.addoption(
+        "--lem-distill", action="store_true",
+        help="train NAME+lek models on data self-distilled from NAME (the LEK method without outside data) "
+        "instead of --lem-training-data",
+    )
+    group.addoption(
+        "--lem-distill-kernel", default=None, metavar="NAME",
+        help="kernel condition that self-distillation samples under (default: the first kernel condition)",
+    )
+    group.addoption(
+        "--lem-distill-k", type=int, default=distill.DEFAULT_K, metavar="K",
+        help=f"samples per probe for self-distillation (default {distill.DEFAULT_K})",
+    )
+    group.addoption(
+        "--lem-distill-threshold", type=float, default=distill.DEFAULT_THRESHOLD, metavar="SCORE",
+        help=f"lowest v2 lek_score a sample needs to become a training example (default {distill.DEFAULT_THRESHOLD:g})",
+    )
+    group.addoption(
+        "--lem-distill-temperature", type=float, default=distill.DEFAULT_TEMPERATURE, metavar="T",
+        help=f"sampling temperature for self-distillation, above 0 (default {distill.DEFAULT_TEMPERATURE})",
+    )
+    group.addoption(
+        "--lem-distill-max-tokens", type=int, default=None, metavar="N",
+        help="maximum tokens per self-distilled sample (default: --lem-max-tokens)",
+    )
+    group.addoption(
+        "--lem-distill-probes", action="append", default=[], metavar="PATH",
+        help="probe file or directory to self-distill from, repeatable (default: the session's probes; "
+        "then the trained model is scored on probes it was trained on)",
+    )
 
 
 def pytest_cmdline_main(config: pytest.Config) -> None:

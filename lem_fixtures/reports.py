@@ -141,6 +141,117 @@ def training_effects(results: Sequence[Mapping[str, Any]]) -> list[Effect]:
     return effects
 
 
+def training_runs(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """How each trained model of the run was trained, read from its adapter's manifest in the cache.
+
+    One entry per trained model with an adapter: the adapter key and directory, the config, and
+    per phase the data, seconds per iteration and first and last validation loss. A phase on
+    self-distilled data also gets the keep rate and mean kept score of its distill.json.
+    """
+    runs = []
+    seen = set()
+    scored = {result["probe"] for result in results}
+    for result in results:
+        adapter = result.get("adapter_path")
+        if not adapter or (result["model"], adapter) in seen:
+            continue
+        seen.add((result["model"], adapter))
+        run = describe_adapter(result["model"], Path(adapter))
+        for phase in run["phases"]:
+            distilled = phase.get("distillation")
+            if distilled is not None:
+                # Probes that were both distilled from and scored: the trained model's scores on them are in-sample.
+                distilled["scored_probes_distilled"] = len(scored & set(distilled.pop("probe_ids")))
+        runs.append(run)
+    return runs
+
+
+def describe_adapter(model: str, adapter_dir: Path) -> dict[str, Any]:
+    """Summarize one adapter directory written by training.ensure_adapter or training.train_lora."""
+    from .distill import MANIFEST_FILE as DISTILL_MANIFEST
+    from .training import LOG_FILE, MANIFEST_FILE
+
+    entry: dict[str, Any] = {"model": model, "adapter_path": str(adapter_dir)}
+    manifest_path = adapter_dir / MANIFEST_FILE
+    log_path = adapter_dir / LOG_FILE
+    config_path = adapter_dir / "adapter_config.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    log = manifest.get("training") or (json.loads(log_path.read_text()) if log_path.is_file() else {})
+    adapter_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+    entry["key"] = manifest.get("key")
+    entry["config_path"] = manifest.get("config_path")
+    entry["config"] = manifest.get("config") or adapter_config.get("lem_config")
+    entry["train_split"] = manifest.get("train_split") or adapter_config.get("train_split")
+    entry["phases"] = []
+    phase_dirs = adapter_config.get("phase_data", [])
+    for index, phase in enumerate(log.get("phases", [])):
+        val_losses = phase.get("val_losses") or []
+        described = {
+            "name": phase.get("name"),
+            "data_dir": phase.get("data_dir") or (phase_dirs[index] if index < len(phase_dirs) else None),
+            "train_examples": phase.get("train_examples"),
+            "iters": phase.get("iters"),
+            "seconds_per_iteration": phase.get("seconds_per_iteration"),
+            "val_loss_first": val_losses[0][1] if val_losses else None,
+            "val_loss_last": val_losses[-1][1] if val_losses else None,
+        }
+        distill_manifest = Path(described["data_dir"] or "") / DISTILL_MANIFEST
+        if described["data_dir"] and distill_manifest.is_file():
+            distilled = json.loads(distill_manifest.read_text())
+            described["distillation"] = {
+                key: distilled.get(key)
+                for key in ("kernel", "k", "threshold", "n_probes", "n_samples", "n_kept", "keep_rate", "mean_kept_score", "mean_score")
+            }
+            described["distillation"]["probe_ids"] = sorted({sample["probe_id"] for sample in distilled.get("samples", [])})
+        entry["phases"].append(described)
+    return entry
+
+
+def _number(value: Any, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+TRAINING_HEADER = ["model", "adapter", "config", "phase", "examples", "iterations", "s/iteration", "validation loss", "self-distillation"]
+
+
+def config_cell(run: Mapping[str, Any]) -> str:
+    config = run.get("config") or {}
+    if not config:
+        return ""
+    lora = config.get("lora_parameters", {})
+    name = Path(run["config_path"]).name if run.get("config_path") else "config"
+    return (
+        f"{name}: lr {config.get('learning_rate'):g}, batch {config.get('batch_size')}, "
+        f"{config.get('num_layers')} layers, rank {lora.get('rank')}"
+    )
+
+
+def training_rows(runs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for run in runs:
+        for phase in run["phases"]:
+            loss = ""
+            if phase["val_loss_first"] is not None:
+                loss = f"{phase['val_loss_first']:.3f} -> {phase['val_loss_last']:.3f}"
+            distilled = phase.get("distillation")
+            distill_cell = ""
+            if distilled:
+                distill_cell = (
+                    f"kept {distilled['n_kept']}/{distilled['n_samples']} (rate {_number(distilled['keep_rate'], 2)}, "
+                    f"mean kept {_number(distilled['mean_kept_score'], 2)}) under {distilled['kernel']}, "
+                    f"k={distilled['k']}, threshold {distilled['threshold']}"
+                )
+                overlap = distilled.get("scored_probes_distilled")
+                if overlap:
+                    distill_cell += f"; distilled from {overlap} of the scored probes (in-sample)"
+            rows.append([
+                run["model"], (run.get("key") or "")[:16], config_cell(run), phase["name"], phase["train_examples"], phase["iters"],
+                _number(phase["seconds_per_iteration"], 2), loss, distill_cell,
+            ])
+    return rows
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
@@ -195,6 +306,7 @@ def markdown_report(
     effects: Sequence[Effect],
     trained: Sequence[Effect],
     settings: Mapping[str, Any],
+    runs: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     lines = ["# LEM benchmark run", ""]
     lines.append(f"Generation parameters: `{json.dumps(settings.get('params', {}), sort_keys=True)}`")
@@ -211,6 +323,11 @@ def markdown_report(
     if trained:
         lines += ["## Training effect (paired bootstrap, 95% CI)", ""]
         lines += markdown_table(EFFECT_HEADER, effect_rows(trained))
+        lines.append("")
+
+    if runs:
+        lines += ["## Training runs", ""]
+        lines += markdown_table(TRAINING_HEADER, training_rows(runs))
         lines.append("")
 
     header, rows = category_rows(summaries)
@@ -301,6 +418,7 @@ def html_report(
     trained: Sequence[Effect],
     settings: Mapping[str, Any],
     images: Sequence[tuple[Path, str]],
+    runs: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """A self-contained page: tables and plots with the images embedded, no external resources."""
     sections = [
@@ -311,6 +429,8 @@ def html_report(
         sections += ["<h2>Kernel effect (paired bootstrap, 95% CI)</h2>", html_table(EFFECT_HEADER, effect_rows(effects))]
     if trained:
         sections += ["<h2>Training effect (paired bootstrap, 95% CI)</h2>", html_table(EFFECT_HEADER, effect_rows(trained))]
+    if runs:
+        sections += ["<h2>Training runs</h2>", html_table(TRAINING_HEADER, training_rows(runs))]
     for path, alt in images:
         sections += [f"<h2>{html.escape(alt)}</h2>", embedded_image(path, alt)]
     header, rows = category_rows(summaries)
@@ -359,9 +479,10 @@ def write_reports(
 
     effects = kernel_effects(results)
     trained = training_effects(results)
+    runs = training_runs(results)
 
     markdown = run_dir / "summary.md"
-    markdown.write_text(markdown_report(summaries, effects, trained, settings), encoding="utf-8")
+    markdown.write_text(markdown_report(summaries, effects, trained, settings, runs), encoding="utf-8")
     written.append(markdown)
 
     images = [
@@ -370,13 +491,19 @@ def write_reports(
     ]
     written.extend(path for path, _ in images)
 
-    run_log = {"settings": dict(settings), "models": models, "summaries": summaries, "duration_s": round(duration_s, 1)}
+    run_log = {
+        "settings": dict(settings),
+        "models": models,
+        "summaries": summaries,
+        "training_runs": runs,
+        "duration_s": round(duration_s, 1),
+    }
     run_json = run_dir / "run.json"
     run_json.write_text(json.dumps(run_log, indent=2, sort_keys=True), encoding="utf-8")
     written.append(run_json)
 
     page = run_dir / "index.html"
-    page.write_text(html_report(summaries, effects, trained, {"settings": dict(settings), "models": models}, images), encoding="utf-8")
+    page.write_text(html_report(summaries, effects, trained, {"settings": dict(settings), "models": models}, images, runs), encoding="utf-8")
     written.append(page)
 
     logger.info("wrote %d report files to %s", len(written), run_dir)

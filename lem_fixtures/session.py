@@ -19,7 +19,7 @@ import pytest
 
 from . import __version__
 from . import cases as cases_module
-from .errors import LemError, ModelNotAvailableError
+from .errors import LemError, ModelNotAvailableError, TrainingDataError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ class LemSession:
         self._responses: dict[str, dict[str, Any]] = {}
         self._prefetched: set[str] = set()
         self._unavailable: dict[str, str] = {}
+        self._failed: dict[str, str] = {}
+        self._adapters: dict[str, Any] = {}
+        self._distilled: dict[tuple, Any] = {}
 
     # Configuration
 
@@ -163,15 +166,27 @@ class LemSession:
 
         from .models import load_model
 
+        if name in self._unavailable:
+            pytest.skip(self._unavailable[name])
+        if name in self._failed:
+            pytest.fail(self._failed[name], pytrace=False)
+
         self._loaded.clear()
         adapter = None
         base = name
         if name.endswith(TRAINED_SUFFIX):
             base = name[: -len(TRAINED_SUFFIX)]
-            adapter = self.trained_adapter(base)
-
-        if name in self._unavailable:
-            pytest.skip(self._unavailable[name])
+            try:
+                adapter = self.trained_adapter(base)
+            except ModelNotAvailableError as error:
+                self._unavailable[name] = str(error)
+            except LemError as error:
+                # Training failed: every case of the model fails with the same message, without training again.
+                self._failed[name] = f"cannot train {name}: {error}"
+            if name in self._unavailable:
+                pytest.skip(self._unavailable[name])
+            if name in self._failed:
+                pytest.fail(self._failed[name], pytrace=False)
 
         logger.info("loading model %s", name)
         try:
@@ -184,11 +199,118 @@ class LemSession:
         return loaded
 
     def trained_adapter(self, base: str) -> Path:
+        return self.adapter(base).path
+
+    def adapter(self, base: str):
+        """Return the session's LoRA adapter for a base model (training.CachedAdapter), training it on first use.
+
+        It trains on --lem-training-data, or with --lem-distill on data self-distilled from the
+        base model itself, with the config of --lem-training-config.
+        """
+        if base in self._adapters:
+            return self._adapters[base]
+
         from .training import ensure_adapter
 
         config_path = self.path_option("--lem-training-config", "training/lora.yaml")
-        data_dir = self.path_option("--lem-training-data", "training/data")
-        return ensure_adapter(base, data_dir, config_path).path
+        if self.option("--lem-distill"):
+            data_dir, split = self.distilled(base).data_dir, "train"
+        else:
+            data_dir, split = self.path_option("--lem-training-data", "training/data"), self.option("--lem-training-split")
+        self.progress(f"LoRA adapter for {base}: config {config_path}, data {data_dir} ({split} split)")
+        try:
+            adapter = ensure_adapter(base, data_dir, config_path, train_split=split)
+        except TrainingDataError as error:
+            if not self.option("--lem-distill"):
+                raise
+            raise TrainingDataError(
+                f"{error}\nThe data was self-distilled from {base}: keep more samples with a lower "
+                "--lem-distill-threshold, a larger --lem-distill-k or more --lem-distill-probes"
+            ) from error
+        status = "trained" if adapter.trained else "reused from the cache"
+        self.progress(f"LoRA adapter {adapter.key[:16]} for {base} {status}: {adapter.path}")
+        self._adapters[base] = adapter
+        return adapter
+
+    def distill_settings(self) -> dict[str, Any]:
+        """The self-distillation options of this session, with defaults filled in."""
+        max_tokens = self.option("--lem-distill-max-tokens") or self.option("--lem-max-tokens")
+        return {
+            "kernel": self.option("--lem-distill-kernel"),
+            "k": self.option("--lem-distill-k"),
+            "threshold": self.option("--lem-distill-threshold"),
+            "max_tokens": max_tokens,
+            "temperature": self.option("--lem-distill-temperature"),
+            "top_p": self.option("--lem-top-p"),
+            "seed": self.option("--lem-seed"),
+            "probes": [str(self.resolve(value)) for value in self.option("--lem-distill-probes")],
+        }
+
+    def distill_probes(self) -> list[Any]:
+        """The probes to distill from: --lem-distill-probes, else the probes of the session's matrix."""
+        from .probes import load_probes
+
+        paths = self.option("--lem-distill-probes")
+        if not paths:
+            return list(self.matrix().probes)
+        return load_probes([self.resolve(value) for value in paths], duplicate_ids=self.option("--lem-duplicate-ids"))
+
+    def distill_kernel(self) -> Any:
+        """The kernel condition that distillation samples under: --lem-distill-kernel, else the matrix's first kernel."""
+        kernels = self.matrix().kernels
+        name = self.option("--lem-distill-kernel")
+        if name is None:
+            if not kernels:
+                raise LemError("self-distillation needs a kernel condition; pass --lem-kernel NAME=PATH")
+            return kernels[0]
+        for kernel in kernels:
+            if kernel.name == name:
+                return kernel
+        known = ", ".join(kernel.name for kernel in kernels) or "none"
+        raise LemError(f"--lem-distill-kernel {name}: no such kernel condition; the session has: {known}")
+
+    def distilled(self, base: str, **overrides: Any):
+        """Return self-distilled training data from `base` (distill.DistillResult), from the cache when it has it.
+
+        Keyword overrides replace the session's options: kernel (a Kernel), probes, k, threshold,
+        max_tokens, temperature, top_p and seed.
+        """
+        from .distill import distilled_data
+        from .generation import GenerationParams
+
+        settings = self.distill_settings()
+        settings_given = set(overrides)
+        kernel = overrides.pop("kernel", None) or self.distill_kernel()
+        probes = overrides.pop("probes", None) or self.distill_probes()
+        values = {key: overrides.pop(key, settings[key]) for key in ("k", "threshold", "max_tokens", "temperature", "top_p", "seed")}
+        if overrides:
+            raise TypeError(f"unknown distillation setting(s): {', '.join(sorted(overrides))}")
+
+        key = (base, kernel.name, tuple(probe.id for probe in probes), tuple(sorted(values.items())))
+        if key in self._distilled:
+            return self._distilled[key]
+
+        params = GenerationParams(
+            max_tokens=values["max_tokens"], temperature=values["temperature"], top_p=values["top_p"], seed=values["seed"],
+        )
+        if not self.option("--lem-distill-probes") and "probes" not in settings_given:
+            self.progress(
+                "self-distillation uses the benchmark's own probes, so the trained model's scores on them are in-sample; "
+                "pass --lem-distill-probes for held-out probes"
+            )
+        self.progress(
+            f"self-distillation from {base}: {len(probes)} probes x {values['k']} samples under {kernel.name}, "
+            f"keeping v2 scores >= {values['threshold']}"
+        )
+        result = distilled_data(
+            base, probes, kernel, k=values["k"], threshold=values["threshold"], params=params, batch_size=self.batch_size(),
+        )
+        self.progress(
+            f"self-distillation kept {result.n_kept} of {result.n_samples} samples (keep rate {result.keep_rate:.2f}) "
+            f"in {result.data_dir}"
+        )
+        self._distilled[key] = result
+        return result
 
     def selected_cases(self, model: str) -> list[cases_module.Case]:
         """Every selected case of a model in this session, in run order."""
@@ -250,7 +372,10 @@ class LemSession:
             progress=self.progress,
             label=label,
         )
+        adapter_path = getattr(loaded, "adapter_path", None)
         for case, record in zip(batch, records):
+            if adapter_path is not None:
+                record = {**record, "adapter_path": str(adapter_path)}
             self._responses[case.case_id] = record
 
     def progress(self, message: str) -> None:

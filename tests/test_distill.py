@@ -136,3 +136,51 @@ def test_distilled_data_is_cached(tmp_path, tiny, caplog):
     assert second.samples == first.samples
     assert json.loads(second.manifest_path.read_text())["data_dir"] == str(second.data_dir)
     assert sum("reused cached distilled data" in record.getMessage() for record in caplog.records) == 1
+
+
+def write_cli_inputs(tmp_path):
+    probes = tmp_path / "probes.json"
+    probes.write_text(json.dumps([{"id": probe.id, "prompt": probe.prompt} for probe in PROBES]))
+    kernel = tmp_path / "kind.txt"
+    kernel.write_text(KERNEL.text)
+    return probes, kernel
+
+
+def test_cli_writes_data_and_prints_folder(tmp_path, tiny, capsys):
+    from lem_fixtures.distill import main
+
+    probes, kernel = write_cli_inputs(tmp_path)
+    out = tmp_path / "out"
+
+    code = main([
+        "--model", str(tiny.path), "--prompts", str(probes), "--kernel", f"kind={kernel}",
+        "--k", "2", "--max-tokens", "4", "--threshold", "-1000", "--out", str(out),
+    ])
+
+    captured = capsys.readouterr()
+    assert code == 0
+    assert captured.out.strip() == str(out)
+    manifest = json.loads((out / "distill.json").read_text())
+    assert manifest["kernel"] == "kind"
+    assert manifest["k"] == 2
+    assert manifest["n_samples"] == 6
+    n_kept = manifest["n_kept"]
+    assert f"kept {n_kept} of 6 samples from 3 probes" in captured.err
+    assert len((out / "train.jsonl").read_text().splitlines()) == n_kept
+    validate_training_data(out)
+
+
+def test_cli_rejects_greedy_samples_and_missing_kernel(tmp_path, tiny, capsys):
+    from lem_fixtures.distill import main
+
+    probes, _ = write_cli_inputs(tmp_path)
+    common = ["--model", str(tiny.path), "--prompts", str(probes), "--max-tokens", "4", "--out", str(tmp_path / "out")]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common, "--kernel", "kind=kind.txt", "--temperature", "0"])
+    assert exit_info.value.code == 2
+    assert "--k 4 needs --temperature above 0" in capsys.readouterr().err
+
+    assert main([*common, "--kernel", f"kind={tmp_path / 'missing.txt'}"]) == 1
+    assert f"{tmp_path / 'missing.txt'}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -124,3 +124,56 @@ def test_html_renders_in_chromium(run_dir, tmp_path):
     data = screenshot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000
+
+
+def write_adapter(tmp_path, distilled_from=("P01_ONE", "P09_HELD_OUT")):
+    """An adapter folder as training.ensure_adapter leaves it, trained on self-distilled data."""
+    data_dir = tmp_path / "distill" / "key"
+    data_dir.mkdir(parents=True)
+    samples = [{"probe_id": probe, "score": 3.0, "kept": True} for probe in distilled_from]
+    (data_dir / "distill.json").write_text(json.dumps({
+        "kernel": "json", "k": 1, "threshold": 0.0, "n_probes": 2, "n_samples": 2, "n_kept": 2,
+        "keep_rate": 1.0, "mean_kept_score": 3.0, "mean_score": 3.0, "samples": samples,
+    }))
+    adapter_dir = tmp_path / "adapters" / "abcdef0123456789ff"
+    adapter_dir.mkdir(parents=True)
+    config = {"learning_rate": 1e-5, "batch_size": 2, "num_layers": 16, "lora_parameters": {"rank": 8}, "iters": 200}
+    phase = {
+        "name": "lek", "data_dir": str(data_dir), "train_examples": 2, "iters": 200, "seconds_per_iteration": 0.58,
+        "val_losses": [[0, 5.63], [200, 0.67]],
+    }
+    (adapter_dir / "lem_adapter.json").write_text(json.dumps({
+        "key": "abcdef0123456789ff", "config_path": "/x/lora.yaml", "config": config, "train_split": "train",
+        "training": {"phases": [phase]},
+    }))
+    return adapter_dir
+
+
+def test_training_runs_table_reads_adapter_manifest(tmp_path):
+    adapter_dir = write_adapter(tmp_path)
+    trained = [dict(result, adapter_path=str(adapter_dir)) for result in make_results(model="tiny+lek")]
+    results = make_results() + trained
+
+    runs = reports.training_runs(results)
+    page = reports.write_reports(tmp_path / "run", results, {"params": {}}, 1.0)
+
+    (run,) = runs
+    assert run["model"] == "tiny+lek"
+    assert run["key"] == "abcdef0123456789ff"
+    (phase,) = run["phases"]
+    assert (phase["val_loss_first"], phase["val_loss_last"], phase["seconds_per_iteration"]) == (5.63, 0.67, 0.58)
+    # P01_ONE was distilled from and scored; P09_HELD_OUT was only distilled from.
+    assert phase["distillation"]["scored_probes_distilled"] == 1
+    assert phase["distillation"]["keep_rate"] == 1.0
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert (
+        "| tiny+lek | abcdef0123456789 | lora.yaml: lr 1e-05, batch 2, 16 layers, rank 8 | lek | 2 | 200 | 0.58 | 5.630 -> 0.670 | "
+        "kept 2/2 (rate 1.00, mean kept 3.00) under json, k=1, threshold 0.0; distilled from 1 of the scored probes (in-sample) |"
+    ) in summary
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["training_runs"] == runs
+    assert any(path.name == "index.html" for path in page)
+
+
+def test_no_training_runs_without_adapters(run_dir):
+    assert "## Training runs" not in (run_dir / "summary.md").read_text()
+    assert json.loads((run_dir / "run.json").read_text())["training_runs"] == []

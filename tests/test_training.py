@@ -405,6 +405,29 @@ def test_train_lora_writes_loadable_adapter(tmp_path, tiny_dirs):
     assert isinstance(generate(model, tokenizer, prompt=prompt, max_tokens=4), str)
 
 
+def test_quantized_model_trains_as_qlora(tmp_path, tiny_dirs, caplog):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_lm.utils import load, quantize_model, save
+
+    model, tokenizer, config = load(str(tiny_dirs["chatml"]), return_config=True)
+    model, config = quantize_model(model, config, group_size=32, bits=4)
+    quantized_dir = tmp_path / "q4"
+    save(quantized_dir, str(tiny_dirs["chatml"]), model, tokenizer, config)
+    caplog.set_level(logging.WARNING, logger="lem_fixtures.training")
+
+    run = train_lora(quantized_dir, None, tiny_config(), tmp_path / "adapter")
+
+    assert any("trains QLoRA" in record.getMessage() for record in caplog.records)
+    assert run.phases[0].train_losses
+    tuned, _ = load(str(quantized_dir), adapter_path=str(tmp_path / "adapter"))
+    lora_layers = [module for _, module in tuned.named_modules() if isinstance(module, LoRALinear)]
+    # LoRA wraps the frozen 4-bit layers, and the trained weights change the output.
+    assert lora_layers and all(isinstance(layer.linear, nn.QuantizedLinear) for layer in lora_layers)
+    assert not mx.allclose(last_logits(quantized_dir, None), last_logits(quantized_dir, tmp_path / "adapter")).item()
+
+
 def test_phases_resume_previous_adapter(tmp_path, tiny_dirs):
     config_path = tmp_path / "two.yaml"
     config_path.write_text(
