@@ -46,6 +46,7 @@ class BenchmarkConfig:
     adapter: Path | None = None
     use_cache: bool = True
     overwrite: bool = False
+    duplicate_ids: str = "error"
 
 
 @dataclass
@@ -207,7 +208,7 @@ def run_benchmark(config: BenchmarkConfig, cache: Any = None) -> BenchmarkResult
     from lem_fixtures.results import ABWriter, summarize
 
     started = time.perf_counter()
-    probes = load_probes(config.prompt_paths)
+    probes = load_probes(config.prompt_paths, duplicate_ids=config.duplicate_ids)
     kernels = load_kernels(config.kernel_specs)
     conditions = condition_names(kernels)
     kernel_texts: dict[str, str | None] = {kernel.name: kernel.text for kernel in kernels}
@@ -323,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"probe files (JSON array or JSONL) (default: {' '.join(DEFAULT_PROMPT_FILES)})",
     )
     parser.add_argument(
+        "--duplicate-ids", choices=("error", "number"), default="error",
+        help="what a repeated probe id with another prompt does: fail (error, the default) or get a ~N suffix (number), "
+        "which the upstream aggregate seed files need",
+    )
+    parser.add_argument(
         "--output", type=Path, default=Path("ab-results.jsonl"), metavar="FILE",
         help="A/B result file to write or resume (default: ab-results.jsonl)",
     )
@@ -363,6 +369,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         adapter=args.adapter,
         use_cache=not args.no_cache,
         overwrite=args.overwrite,
+        duplicate_ids=args.duplicate_ids,
     )
 
 

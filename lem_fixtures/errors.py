@@ -17,6 +17,10 @@ class KernelError(LemError):
     """A kernel spec or file that is missing, empty or unreadable."""
 
 
+class KernelDroppedError(KernelError):
+    """A chat template that renders a kernel condition identically to the baseline."""
+
+
 class ResultFileError(LemError):
     """An A/B result file that cannot be read."""
 

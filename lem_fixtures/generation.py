@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lem_fixtures.errors import KernelError, ModelError
+from lem_fixtures.errors import KernelDroppedError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ FINISH_LENGTH = "length"
 
 # A word no chat template contains, used to find the token that ends an assistant turn.
 _END_OF_TURN_PROBE = "LEMENDOFTURNPROBE"
-
-
-class KernelDroppedError(KernelError):
-    """A chat template that renders a kernel condition identically to the baseline."""
 
 
 @dataclass(frozen=True)

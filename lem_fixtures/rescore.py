@@ -21,8 +21,12 @@ KEPT_SUMMARY_KEYS = ("model", "duration", "max_tokens", "ts")
 def rescore_ab_file(ab_file: ABFile) -> dict[str, Any]:
     """Re-score every condition of every probe line in place and return the new summary line.
 
-    Raises ResultFileError when a condition has no response text.
+    Raises ResultFileError when the file has no probe lines or a condition has no response text.
+    A `chars` field, where present, is set to the response length again.
     """
+    if not ab_file.probes:
+        raise ResultFileError(f"{ab_file.path} has no probe lines, so there is nothing to re-score; pass an A/B result file")
+
     for line, line_number in zip(ab_file.probes, ab_file.line_numbers):
         for name, entry in line["conditions"].items():
             response = entry.get("response")
@@ -34,6 +38,8 @@ def rescore_ab_file(ab_file: ABFile) -> dict[str, Any]:
             heuristic = score_v2(response)
             entry["lek_score"] = heuristic["lek_score"]
             entry["heuristic"] = heuristic
+            if "chars" in entry:
+                entry["chars"] = len(response)
 
     old = ab_file.summary or {}
     # Keep the condition order of the old summary, then any condition it did not list.
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except LemError as error:
         print(f"lem: error: {error}", file=sys.stderr)
         return 1
-    logger.info("re-scored %d probes of %s into %s", len(ab_file.probes), args.input, output)
+    logger.info("re-scored %s: probe lines %d, written to %s", args.input, len(ab_file.probes), output)
     sys.stdout.write(format_summary_table(summary))
     return 0
 

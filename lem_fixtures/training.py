@@ -711,15 +711,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lem train",
         description="Train a LoRA adapter on LEM training data with mlx-lm, the same way the pytest fixtures do.",
     )
-    parser.add_argument("--model", required=True, help="model registry name or mlx-lm model directory")
+    parser.add_argument("--model", required=True, metavar="NAME", help="model registry name or mlx-lm model directory")
     parser.add_argument(
-        "--data", default=None,
+        "--data", default=None, metavar="DIR",
         help="directory with train.jsonl (and valid.jsonl, test.jsonl); replaces the data of a single-phase config "
         "(default: the data each phase of the config names)",
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"training config YAML (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), metavar="FILE", help=f"training config YAML (default: {DEFAULT_CONFIG})")
     parser.add_argument(
-        "--adapter-path", default=None,
+        "--adapter-path", default=None, metavar="DIR",
         help="write the adapter to this directory, training even if the cache has it (default: the adapter cache)",
     )
     parser.add_argument(
@@ -727,8 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="split to train on; 'valid' trains on valid.jsonl and validates on test.jsonl (default: train)",
     )
     parser.add_argument("--fuse", action="store_true", help="also write a model with the adapter fused into the weights")
-    parser.add_argument("--fused-path", default=None, help="directory for the fused model (default: <adapter dir>/fused)")
-    parser.add_argument("--cache-dir", default=None, help="cache root (default: $LEM_CACHE_DIR, else $XDG_CACHE_HOME/lem, else ~/.cache/lem)")
+    parser.add_argument("--fused-path", default=None, metavar="DIR", help="directory for the fused model (default: <adapter dir>/fused)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR", help="cache root (default: $LEM_CACHE_DIR, else $XDG_CACHE_HOME/lem, else ~/.cache/lem)")
     return parser
 
 

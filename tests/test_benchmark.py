@@ -221,6 +221,22 @@ def test_cli_end_to_end_on_tiny_model(tiny_setup, monkeypatch, capsys):
     assert (config.output.parent / "cli-cache" / "generations.sqlite").is_file()
 
 
+def test_cli_duplicate_ids_option(tiny_setup, monkeypatch, capsys):
+    config, _ = tiny_setup
+    monkeypatch.setenv("LEM_CACHE_DIR", str(config.output.parent / "cli-cache"))
+    repeated = config.output.parent / "repeated.json"
+    repeated.write_text(json.dumps([TINY_PROBES[0], {**TINY_PROBES[0], "prompt": "another prompt"}]))
+    argv = ["--model", config.model, "--prompts", str(repeated), "--kernel", config.kernel_specs[0], "--max-tokens", "2"]
+
+    refused = benchmark.main([*argv, "--output", str(config.output)])
+    numbered = benchmark.main([*argv, "--output", str(config.output), "--duplicate-ids", "number"])
+
+    assert refused == 1
+    assert "P01_TINY_HELLO" in capsys.readouterr().err
+    assert numbered == 0
+    assert [line["id"] for line in read_ab_file(config.output).probes] == ["P01_TINY_HELLO", "P01_TINY_HELLO~2"]
+
+
 def test_cli_missing_probe_file(tmp_path, capsys):
     code = benchmark.main(["--prompts", str(tmp_path / "absent.json"), "--output", str(tmp_path / "ab.jsonl")])
 

@@ -114,6 +114,24 @@ def test_rescore_missing_response(tmp_path, capsys):
     )
 
 
+def test_rescore_empty_file(tmp_path, capsys):
+    path = tmp_path / "ab.jsonl"
+    path.write_text("", encoding="utf-8")
+
+    assert rescore.main(["--input", str(path)]) == 1
+    assert "has no probe lines, so there is nothing to re-score" in capsys.readouterr().err
+    assert path.read_text() == ""
+
+
+def test_rescore_recomputes_chars(tmp_path, capsys):
+    line = probe("P1", "x", baseline="four")
+    line["conditions"]["baseline"]["chars"] = 999
+    path = make_file(tmp_path / "ab.jsonl", [line])
+
+    assert rescore.main(["--input", str(path)]) == 0
+    assert read_ab_file(path).probes[0]["conditions"]["baseline"]["chars"] == 4
+
+
 def test_rescore_invalid_json(tmp_path, capsys):
     path = tmp_path / "ab.jsonl"
     path.write_text('{"type": "probe"\n', encoding="utf-8")
