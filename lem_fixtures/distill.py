@@ -62,9 +62,12 @@ class DistillResult:
     mean_kept_score: float | None
     mean_score: float | None
     samples: list[DistillSample] = field(default_factory=list)
+    # True when distilled_data found the data in the cache instead of sampling; not stored in distill.json.
+    reused: bool = field(default=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
+        document.pop("reused")
         document["data_dir"] = str(self.data_dir)
         document["manifest_path"] = str(self.manifest_path)
         return document
@@ -226,7 +229,7 @@ def distilled_data(
         manifest = final / MANIFEST_FILE
         if not manifest.is_file():
             return None
-        result = DistillResult.from_json(json.loads(manifest.read_text()))
+        result = replace(DistillResult.from_json(json.loads(manifest.read_text())), reused=True)
         logger.info("reused cached distilled data %s at %s", key[:16], final)
         return result
 
@@ -330,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     mean_kept = "none" if result.mean_kept_score is None else f"{result.mean_kept_score:.2f}"
+    source = "from the cache: " if result.reused else ""
     print(
-        f"kept {result.n_kept} of {result.n_samples} samples from {result.n_probes} probes "
+        f"{source}kept {result.n_kept} of {result.n_samples} samples from {result.n_probes} probes "
         f"(keep rate {result.keep_rate:.2f}, mean kept score {mean_kept}, threshold {result.threshold:g})",
         file=sys.stderr,
     )

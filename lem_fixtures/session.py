@@ -305,9 +305,10 @@ class LemSession:
         result = distilled_data(
             base, probes, kernel, k=values["k"], threshold=values["threshold"], params=params, batch_size=self.batch_size(),
         )
+        source = " (from the cache)" if result.reused else ""
         self.progress(
             f"self-distillation kept {result.n_kept} of {result.n_samples} samples (keep rate {result.keep_rate:.2f}) "
-            f"in {result.data_dir}"
+            f"in {result.data_dir}{source}"
         )
         self._distilled[key] = result
         return result

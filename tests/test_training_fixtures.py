@@ -114,6 +114,26 @@ def test_lem_distilled_writes_examples_without_kernel(tiny_project, tiny_model_d
     assert (Path(data_dir) / "distill.json").stat().st_mtime_ns == stamp
 
 
+def test_xdist_workers_distill_once(tiny_project, tiny_model_dir):
+    tiny_project.makepyfile(
+        test_distilled=(
+            "import json, os\n"
+            "def test_data(lem_distilled):\n"
+            "    worker = os.environ['PYTEST_XDIST_WORKER']\n"
+            "    record = {'reused': lem_distilled.reused, 'data_dir': str(lem_distilled.data_dir)}\n"
+            "    open(f'{worker}.json', 'w').write(json.dumps(record))\n"
+        )
+    )
+
+    # --dist each runs the test on both workers, so both ask for the same data at the same time.
+    result = tiny_project.runpytest_subprocess(*tiny_options(tiny_model_dir), "-n", "2", "--dist", "each")
+
+    result.assert_outcomes(passed=2)
+    records = [json.loads((tiny_project.path / f"gw{number}.json").read_text()) for number in (0, 1)]
+    assert sorted(record["reused"] for record in records) == [False, True]
+    assert records[0]["data_dir"] == records[1]["data_dir"]
+
+
 def test_lem_distill_threshold_sets_keep_rate(tiny_project, tiny_model_dir):
     tiny_project.makepyfile(
         test_distilled=(
