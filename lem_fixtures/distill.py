@@ -3,8 +3,9 @@
 Each probe is sampled k times with the kernel rendered into the prompt (generation.render_prompt),
 each sample with a fixed seed. Samples whose v2 `lek_score` is at least the threshold become chat
 examples without the kernel (user = the bare probe prompt, assistant = the sample), so a model
-trained on them learns to respond that way without being given the kernel. The data directory gets
-train.jsonl and a distill.json manifest with the keep rate, the mean kept score and every sample's
+trained on them learns to respond that way without being given the kernel. Every tenth kept
+example goes to valid.jsonl for the validation loss, the rest to train.jsonl. distill.json records
+the keep rate, the mean kept score, how many samples reached the token limit, and every sample's
 score and seed.
 """
 
@@ -29,8 +30,13 @@ from lem_fixtures.training_data import write_examples
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "distill.json"
+SAMPLES_FILE = "samples.json"
 TRAIN_FILE = "train.jsonl"
-CACHE_FORMAT = 1
+VALID_FILE = "valid.jsonl"
+# Every VALID_EVERY-th kept example (the 10th, 20th, ...) is held out for validation.
+VALID_EVERY = 10
+CACHE_FORMAT = 2
+FINISH_LENGTH = "length"
 
 
 @dataclass(frozen=True)
@@ -48,7 +54,12 @@ class DistillSample:
 
 @dataclass
 class DistillResult:
-    """The distilled data directory and its bookkeeping (also stored in distill.json)."""
+    """The distilled data directory and its bookkeeping (also stored in distill.json).
+
+    n_train and n_valid split the kept examples between train.jsonl and valid.jsonl.
+    n_truncated counts the samples that stopped at the token limit, n_kept_truncated those of
+    them that were kept; drop_truncated says whether such samples were refused.
+    """
 
     data_dir: Path
     manifest_path: Path
@@ -62,7 +73,12 @@ class DistillResult:
     mean_kept_score: float | None
     mean_score: float | None
     samples: list[DistillSample] = field(default_factory=list)
-    # True when distilled_data found the data in the cache instead of sampling; not stored in distill.json.
+    n_train: int = 0
+    n_valid: int = 0
+    n_truncated: int = 0
+    n_kept_truncated: int = 0
+    drop_truncated: bool = False
+    # True when distilled_data found the samples in the cache instead of generating them; not stored in distill.json.
     reused: bool = field(default=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -97,6 +113,136 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _params_dict(params: Any) -> dict[str, Any]:
+    return params.to_dict() if hasattr(params, "to_dict") else dict(vars(params))
+
+
+def check_settings(k: int, params: Any) -> None:
+    """Raise ValueError for settings that cannot distill: k below 1, or several greedy samples per probe."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if k > 1 and params.temperature <= 0:
+        raise ValueError(f"k={k} samples per probe need temperature > 0, got {params.temperature}; greedy samples would all be equal")
+
+
+def sample_responses(
+    loaded: Any,
+    probes: Sequence[Any],
+    kernel: Any,
+    k: int,
+    params: Any,
+    *,
+    batch_size: int | None = None,
+    score: Callable[[str], float] = v2_lek_score,
+) -> list[DistillSample]:
+    """Generate and score `k` samples per probe under `kernel`; every sample comes back with kept=False.
+
+    loaded: a lem_fixtures.models.LoadedModel (anything with .model and .tokenizer). probes:
+    objects with .id and .prompt. kernel: an object with .name and .text, or None for the
+    baseline condition. params: generation.GenerationParams, with temperature > 0 when k > 1.
+    Sample j of probe p uses seed sample_seed(params.seed, p.id, j). score: maps a response to
+    its score (default: v2 lek_score).
+    """
+    from lem_fixtures import generation
+
+    check_settings(k, params)
+    if not probes:
+        raise ValueError("no probes to distill from; pass at least one probe")
+
+    kernel_text = kernel.text if kernel is not None else None
+    prompts, seeds, keys = [], [], []
+    for probe in probes:
+        rendered = generation.render_prompt(loaded.tokenizer, probe.prompt, kernel_text)
+        for index in range(k):
+            prompts.append(rendered)
+            seeds.append(sample_seed(params.seed or 0, probe.id, index))
+            keys.append((probe.id, index))
+
+    started = time.perf_counter()
+    options = {"batch_size": batch_size} if batch_size is not None else {}
+    generations = generation.generate(loaded, prompts, params, seeds=seeds, **options)
+    logger.info("sampled %d answers for %d probes in %.1f s", len(generations), len(probes), time.perf_counter() - started)
+
+    return [
+        DistillSample(probe_id, index, seed, float(score(result.response)), False, result.response, result.finish_reason)
+        for (probe_id, index), seed, result in zip(keys, seeds, generations)
+    ]
+
+
+def select_samples(samples: Sequence[DistillSample], threshold: float, *, drop_truncated: bool = False) -> list[DistillSample]:
+    """Mark the samples to keep: score >= threshold, a non-empty response, and with drop_truncated not cut at the token limit.
+
+    An empty response is never kept, because an empty assistant message fails data validation.
+    """
+    selected = []
+    for sample in samples:
+        kept = sample.score >= threshold and bool(sample.response.strip())
+        if drop_truncated and sample.finish_reason == FINISH_LENGTH:
+            kept = False
+        selected.append(replace(sample, kept=kept))
+    return selected
+
+
+def write_distilled(
+    out_dir: str | Path,
+    probes: Sequence[Any],
+    samples: Sequence[DistillSample],
+    *,
+    kernel: Any,
+    k: int,
+    threshold: float,
+    drop_truncated: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> DistillResult:
+    """Write the kept samples of `samples` (see select_samples) as train.jsonl and valid.jsonl, plus distill.json."""
+    prompts = {probe.id: probe.prompt for probe in probes}
+    examples = [
+        {"messages": [{"role": "user", "content": prompts[sample.probe_id]}, {"role": "assistant", "content": sample.response}]}
+        for sample in samples
+        if sample.kept
+    ]
+    valid = [example for number, example in enumerate(examples, start=1) if number % VALID_EVERY == 0]
+    train = [example for number, example in enumerate(examples, start=1) if number % VALID_EVERY != 0]
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_examples(out_dir / TRAIN_FILE, train)
+    if valid:
+        write_examples(out_dir / VALID_FILE, valid)
+    elif (out_dir / VALID_FILE).exists():
+        (out_dir / VALID_FILE).unlink()
+
+    kept_scores = [sample.score for sample in samples if sample.kept]
+    result = DistillResult(
+        data_dir=out_dir,
+        manifest_path=out_dir / MANIFEST_FILE,
+        kernel=kernel.name if kernel is not None else None,
+        k=k,
+        threshold=threshold,
+        n_probes=len(probes),
+        n_samples=len(samples),
+        n_kept=len(kept_scores),
+        keep_rate=len(kept_scores) / len(samples) if samples else 0.0,
+        mean_kept_score=_mean(kept_scores),
+        mean_score=_mean([sample.score for sample in samples]),
+        samples=list(samples),
+        n_train=len(train),
+        n_valid=len(valid),
+        n_truncated=sum(sample.finish_reason == FINISH_LENGTH for sample in samples),
+        n_kept_truncated=sum(sample.kept and sample.finish_reason == FINISH_LENGTH for sample in samples),
+        drop_truncated=drop_truncated,
+    )
+    manifest = result.to_json() | {"kernel_sha256": getattr(kernel, "sha256", None), **(extra or {})}
+    temporary = result.manifest_path.with_name(f".{MANIFEST_FILE}.tmp")
+    temporary.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    temporary.replace(result.manifest_path)
+    logger.info(
+        "kept %d of %d samples (keep rate %.2f, threshold %s; %d reached the token limit) in %s",
+        result.n_kept, result.n_samples, result.keep_rate, threshold, result.n_truncated, out_dir,
+    )
+    return result
+
+
 def distill(
     loaded: Any,
     probes: Sequence[Any],
@@ -108,93 +254,40 @@ def distill(
     *,
     batch_size: int | None = None,
     score: Callable[[str], float] = v2_lek_score,
+    drop_truncated: bool = False,
 ) -> DistillResult:
     """Sample `k` responses per probe under `kernel`, keep those scoring >= `threshold`, and write them to `out_dir`.
 
-    loaded: a lem_fixtures.models.LoadedModel (anything with .model and .tokenizer). probes:
-    objects with .id and .prompt. kernel: an object with .name and .text, or None for the
-    baseline condition. params: generation.GenerationParams, with temperature > 0 when k > 1.
-    Sample j of probe p uses seed sample_seed(params.seed, p.id, j). score: maps a response to
-    its score (default: v2 lek_score). An empty response is never kept, because an empty
-    assistant message fails data validation. Writes train.jsonl (possibly empty) and distill.json.
+    The steps are sample_responses, select_samples and write_distilled; see each for details.
     """
-    from lem_fixtures import generation
-
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if k > 1 and params.temperature <= 0:
-        raise ValueError(f"k={k} samples per probe need temperature > 0, got {params.temperature}; greedy samples would all be equal")
-    if not probes:
-        raise ValueError("no probes to distill from; pass at least one probe")
-
-    kernel_text = kernel.text if kernel is not None else None
-    rendered_by_probe = [generation.render_prompt(loaded.tokenizer, probe.prompt, kernel_text) for probe in probes]
-    prompts, seeds, keys = [], [], []
-    for probe, rendered in zip(probes, rendered_by_probe):
-        for index in range(k):
-            prompts.append(rendered)
-            seeds.append(sample_seed(params.seed or 0, probe.id, index))
-            keys.append((probe, index))
-
-    started = time.perf_counter()
-    options = {"batch_size": batch_size} if batch_size is not None else {}
-    generations = generation.generate(loaded, prompts, params, seeds=seeds, **options)
-    logger.info("sampled %d answers for %d probes in %.1f s", len(generations), len(probes), time.perf_counter() - started)
-
-    samples = []
-    examples = []
-    for (probe, index), seed, result in zip(keys, seeds, generations):
-        value = float(score(result.response))
-        kept = value >= threshold and bool(result.response.strip())
-        samples.append(DistillSample(probe.id, index, seed, value, kept, result.response, result.finish_reason))
-        if kept:
-            examples.append({"messages": [{"role": "user", "content": probe.prompt}, {"role": "assistant", "content": result.response}]})
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_examples(out_dir / TRAIN_FILE, examples)
-    kept_scores = [sample.score for sample in samples if sample.kept]
-    result = DistillResult(
-        data_dir=out_dir,
-        manifest_path=out_dir / MANIFEST_FILE,
-        kernel=kernel.name if kernel is not None else None,
-        k=k,
-        threshold=threshold,
-        n_probes=len(probes),
-        n_samples=len(samples),
-        n_kept=len(kept_scores),
-        keep_rate=len(kept_scores) / len(samples),
-        mean_kept_score=_mean(kept_scores),
-        mean_score=_mean([sample.score for sample in samples]),
-        samples=samples,
-    )
-    manifest = result.to_json() | {
-        "params": params.to_dict() if hasattr(params, "to_dict") else vars(params),
-        "kernel_sha256": getattr(kernel, "sha256", None),
+    samples = sample_responses(loaded, probes, kernel, k, params, batch_size=batch_size, score=score)
+    selected = select_samples(samples, threshold, drop_truncated=drop_truncated)
+    extra = {
+        "params": _params_dict(params),
         "model": str(getattr(loaded, "name", None) or getattr(loaded, "path", "")),
     }
-    temporary = result.manifest_path.with_name(f".{MANIFEST_FILE}.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    temporary.replace(result.manifest_path)
-    logger.info(
-        "kept %d of %d samples (keep rate %.2f, threshold %s) in %s",
-        result.n_kept, result.n_samples, result.keep_rate, threshold, out_dir,
-    )
-    return result
+    return write_distilled(out_dir, probes, selected, kernel=kernel, k=k, threshold=threshold, drop_truncated=drop_truncated, extra=extra)
 
 
-def distill_cache_key(model_sha256: str, probes: Sequence[Any], kernel: Any, k: int, threshold: float, params: Any) -> str:
-    """Hash everything that decides distilled data: model files, probe ids and prompts, kernel text, k, threshold and params."""
+def samples_cache_key(model_sha256: str, probes: Sequence[Any], kernel: Any, k: int, params: Any) -> str:
+    """Hash everything that decides the samples: model files, probe ids and prompts, kernel text, k and params.
+
+    The threshold is not part of it: every threshold selects from the same cached samples.
+    """
     document = {
         "cache_format": CACHE_FORMAT,
         "model_sha256": model_sha256,
         "probes": [[probe.id, probe.prompt] for probe in probes],
         "kernel": None if kernel is None else [kernel.name, hashlib.sha256(kernel.text.encode()).hexdigest()],
         "k": k,
-        "threshold": threshold,
-        "params": params.to_dict() if hasattr(params, "to_dict") else vars(params),
+        "params": _params_dict(params),
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def selection_dir_name(threshold: float, drop_truncated: bool) -> str:
+    """Name the folder of one selection from cached samples, for example "threshold_0.0" or "threshold_-2.5_finished"."""
+    return f"threshold_{float(threshold)!r}" + ("_finished" if drop_truncated else "")
 
 
 def distilled_data(
@@ -207,57 +300,76 @@ def distilled_data(
     params: Any,
     cache_dir: str | Path | None = None,
     batch_size: int | None = None,
+    drop_truncated: bool = False,
 ) -> DistillResult:
-    """Return distilled data for (model, probes, kernel, k, threshold, params) from the cache, distilling on a miss.
+    """Return distilled data for (model, probes, kernel, k, params) and a threshold, from the cache where it can.
 
-    Stored under <cache dir>/distill/<key>/ and written through a temporary directory that is
-    renamed into place, under a file lock, so concurrent pytest-xdist workers distill once.
-    The model is loaded only on a miss.
+    The samples are stored once under <cache dir>/distill/<key>/samples.json, written through a
+    temporary file under a file lock, so concurrent pytest-xdist workers sample once. Each
+    threshold (and drop_truncated) then gets its own data folder <key>/threshold_<value>/, made
+    from the cached samples without loading the model. The model is loaded only when the samples
+    are missing. `reused` in the result says whether they were.
     """
     from filelock import FileLock
 
     from lem_fixtures.paths import cache_dir as default_cache_dir
     from lem_fixtures.training import model_files_sha256, resolve_model_path
 
+    check_settings(k, params)
     model_path = resolve_model_path(model)
-    key = distill_cache_key(model_files_sha256(model_path), probes, kernel, k, threshold, params)
+    key = samples_cache_key(model_files_sha256(model_path), probes, kernel, k, params)
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "distill"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / key
+    folder = root / key
+    folder.mkdir(parents=True, exist_ok=True)
+    samples_path = folder / SAMPLES_FILE
+    data_dir = folder / selection_dir_name(threshold, drop_truncated)
 
-    def cached() -> DistillResult | None:
-        manifest = final / MANIFEST_FILE
-        if not manifest.is_file():
-            return None
-        result = replace(DistillResult.from_json(json.loads(manifest.read_text())), reused=True)
-        logger.info("reused cached distilled data %s at %s", key[:16], final)
-        return result
-
-    hit = cached()
-    if hit is not None:
-        return hit
     with FileLock(str(root / f"{key}.lock")):
-        hit = cached()
-        if hit is not None:
-            return hit
-        if final.exists():
-            shutil.rmtree(final)
-        from lem_fixtures.models import load_model
+        reused = samples_path.is_file()
+        if reused:
+            stored = json.loads(samples_path.read_text())
+            samples = [DistillSample(**sample) for sample in stored["samples"]]
+            logger.info("reused %d cached samples %s at %s", len(samples), key[:16], folder)
+        else:
+            from lem_fixtures.models import load_model
 
-        loaded = load_model(str(model_path))
-        temporary = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
+            loaded = load_model(str(model_path))
+            samples = sample_responses(loaded, probes, kernel, k, params, batch_size=batch_size)
+            stored = {
+                "model": str(model),
+                "model_path": str(model_path),
+                "kernel": None if kernel is None else kernel.name,
+                "kernel_sha256": getattr(kernel, "sha256", None),
+                "k": k,
+                "params": _params_dict(params),
+                "samples": [asdict(sample) for sample in samples],
+            }
+            temporary = samples_path.with_name(f".{SAMPLES_FILE}.tmp")
+            temporary.write_text(json.dumps(stored, indent=2, ensure_ascii=False))
+            os.replace(temporary, samples_path)
+            logger.info("stored %d samples %s at %s", len(samples), key[:16], folder)
+
+        manifest = data_dir / MANIFEST_FILE
+        if manifest.is_file():
+            return replace(DistillResult.from_json(json.loads(manifest.read_text())), reused=reused)
+
+        # A selection is cheap, so it is written again whole when its folder is incomplete.
+        temporary_dir = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}-", dir=folder))
         try:
-            result = distill(loaded, probes, kernel, k, threshold, params, temporary, batch_size=batch_size)
-            result = replace(result, data_dir=final, manifest_path=final / MANIFEST_FILE)
-            manifest_path = temporary / MANIFEST_FILE
-            manifest = json.loads(manifest_path.read_text()) | {"data_dir": str(final), "manifest_path": str(final / MANIFEST_FILE)}
-            manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-            os.replace(temporary, final)
+            selected = select_samples(samples, threshold, drop_truncated=drop_truncated)
+            extra = {"params": stored["params"], "model": stored["model"], "samples_file": str(samples_path)}
+            result = write_distilled(
+                temporary_dir, probes, selected, kernel=kernel, k=k, threshold=threshold, drop_truncated=drop_truncated, extra=extra,
+            )
+            document = json.loads(result.manifest_path.read_text()) | {"data_dir": str(data_dir), "manifest_path": str(manifest)}
+            result.manifest_path.write_text(json.dumps(document, indent=2, ensure_ascii=False))
+            if data_dir.exists():
+                shutil.rmtree(data_dir)
+            os.replace(temporary_dir, data_dir)
         except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
+            shutil.rmtree(temporary_dir, ignore_errors=True)
             raise
-    logger.info("distilled data %s written to %s", key[:16], final)
-    return result
+    return replace(result, data_dir=data_dir, manifest_path=manifest, reused=reused)
 
 
 DEFAULT_K = 4
@@ -294,14 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
         help=f"sampling temperature, above 0 when K > 1 (default: {DEFAULT_TEMPERATURE})",
     )
+    parser.add_argument(
+        "--drop-truncated", action="store_true",
+        help="refuse samples that stopped at --max-tokens, whatever their score (default: keep them)",
+    )
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold in (0, 1] (default: 1)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N", help=f"maximum tokens per sample (default: {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="base seed; each sample derives its own from it (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples generated together (default: 16)")
     parser.add_argument(
         "--out", type=Path, metavar="DIR",
-        help="write train.jsonl and distill.json to this folder, replacing them (default: the cache, where a repeated "
-        "command reuses them)",
+        help="write train.jsonl, valid.jsonl and distill.json to this folder, replacing them (default: the cache, where "
+        "a repeated command reuses the samples, also for another --threshold)",
     )
     parser.add_argument("--cache-dir", default=None, metavar="DIR", help="cache root (default: $LEM_CACHE_DIR, else $XDG_CACHE_HOME/lem, else ~/.cache/lem)")
     return parser
@@ -333,10 +449,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     mean_kept = "none" if result.mean_kept_score is None else f"{result.mean_kept_score:.2f}"
-    source = "from the cache: " if result.reused else ""
+    source = "samples from the cache: " if result.reused else ""
     print(
         f"{source}kept {result.n_kept} of {result.n_samples} samples from {result.n_probes} probes "
-        f"(keep rate {result.keep_rate:.2f}, mean kept score {mean_kept}, threshold {result.threshold:g})",
+        f"(keep rate {result.keep_rate:.2f}, mean kept score {mean_kept}, threshold {result.threshold:g}); "
+        f"{result.n_truncated} samples reached --max-tokens, {result.n_kept_truncated} of them kept; "
+        f"train.jsonl {result.n_train} examples, valid.jsonl {result.n_valid}",
         file=sys.stderr,
     )
     print(result.data_dir)
@@ -361,14 +479,17 @@ def _run_cli(args: argparse.Namespace, params: Any) -> DistillResult:
     if args.out is None:
         return distilled_data(
             args.model, probes, kernel, k=args.k, threshold=args.threshold, params=params,
-            cache_dir=args.cache_dir, batch_size=args.batch_size,
+            cache_dir=args.cache_dir, batch_size=args.batch_size, drop_truncated=args.drop_truncated,
         )
 
     from lem_fixtures.models import load_model
     from lem_fixtures.training import resolve_model_path
 
     loaded = load_model(str(resolve_model_path(args.model)))
-    return distill(loaded, probes, kernel, args.k, args.threshold, params, args.out, batch_size=args.batch_size)
+    return distill(
+        loaded, probes, kernel, args.k, args.threshold, params, args.out,
+        batch_size=args.batch_size, drop_truncated=args.drop_truncated,
+    )
 
 
 if __name__ == "__main__":

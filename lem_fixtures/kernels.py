@@ -100,7 +100,7 @@ def condition_names(kernels: Iterable[Kernel]) -> list[str]:
 
 def _read_kernel_file(path: Path, spec: str) -> str:
     if not path.exists():
-        raise KernelError(f"kernel file not found: {path} (spec {spec!r}); check the path, which is relative to the base directory")
+        raise KernelError(f"kernel file not found: {path} (spec {spec!r}); check the path or pass an absolute one")
     if path.is_dir():
         raise KernelError(f"kernel path {path} (spec {spec!r}) is a directory; give a file")
     try:

@@ -131,6 +131,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="maximum tokens per self-distilled sample (default: --lem-max-tokens)",
     )
     group.addoption(
+        "--lem-distill-drop-truncated", action="store_true",
+        help="refuse self-distilled samples that stopped at the token limit, whatever their score",
+    )
+    group.addoption(
         "--lem-distill-probes", action="append", default=[], metavar="PATH",
         help="probe file or directory to self-distill from, repeatable (default: the session's probes; "
         "then the trained model is scored on probes it was trained on)",

@@ -201,7 +201,10 @@ def describe_adapter(model: str, adapter_dir: Path) -> dict[str, Any]:
             distilled = json.loads(distill_manifest.read_text())
             described["distillation"] = {
                 key: distilled.get(key)
-                for key in ("kernel", "k", "threshold", "n_probes", "n_samples", "n_kept", "keep_rate", "mean_kept_score", "mean_score")
+                for key in (
+                    "kernel", "k", "threshold", "n_probes", "n_samples", "n_kept", "keep_rate", "mean_kept_score", "mean_score",
+                    "n_train", "n_valid", "n_truncated", "n_kept_truncated", "drop_truncated",
+                )
             }
             described["distillation"]["probe_ids"] = sorted({sample["probe_id"] for sample in distilled.get("samples", [])})
         entry["phases"].append(described)
@@ -231,7 +234,7 @@ def training_rows(runs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     rows = []
     for run in runs:
         for phase in run["phases"]:
-            loss = ""
+            loss = "none: no validation split"
             if phase["val_loss_first"] is not None:
                 loss = f"{phase['val_loss_first']:.3f} -> {phase['val_loss_last']:.3f}"
             distilled = phase.get("distillation")
@@ -242,6 +245,8 @@ def training_rows(runs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
                     f"mean kept {_number(distilled['mean_kept_score'], 2)}) under {distilled['kernel']}, "
                     f"k={distilled['k']}, threshold {distilled['threshold']}"
                 )
+                if distilled.get("n_truncated"):
+                    distill_cell += f"; {distilled['n_truncated']} samples reached the token limit, {distilled['n_kept_truncated']} of them kept"
                 overlap = distilled.get("scored_probes_distilled")
                 if overlap:
                     distill_cell += f"; distilled from {overlap} of the scored probes (in-sample)"
@@ -277,10 +282,12 @@ def summary_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
 
 
 def effect_rows(effects: Sequence[Effect]) -> list[list[Any]]:
-    return [
-        [effect.model, effect.label, effect.n, f"{effect.mean:+.2f}", f"[{effect.low:+.2f}, {effect.high:+.2f}]"]
-        for effect in effects
-    ]
+    """Table rows of effects; an interval from fewer than two probes says nothing, so it shows as n/a."""
+    rows = []
+    for effect in effects:
+        interval = f"[{effect.low:+.2f}, {effect.high:+.2f}]" if effect.n >= 2 else "n/a (one probe)"
+        rows.append([effect.model, effect.label, effect.n, f"{effect.mean:+.2f}", interval])
+    return rows
 
 
 def category_rows(summaries: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:

@@ -19,7 +19,7 @@ import pytest
 
 from . import __version__
 from . import cases as cases_module
-from .errors import LemError, ModelNotAvailableError, TrainingDataError
+from .errors import LemError, ModelNotAvailableError, TrainingConfigError, TrainingDataError
 
 logger = logging.getLogger(__name__)
 
@@ -205,15 +205,24 @@ class LemSession:
         """Return the session's LoRA adapter for a base model (training.CachedAdapter), training it on first use.
 
         It trains on --lem-training-data, or with --lem-distill on data self-distilled from the
-        base model itself, with the config of --lem-training-config.
+        base model itself, with the config of --lem-training-config. The config is read before
+        any distillation, so a bad config fails at once.
         """
         if base in self._adapters:
             return self._adapters[base]
 
-        from .training import ensure_adapter
+        from .training import ensure_adapter, load_training_config
 
         config_path = self.path_option("--lem-training-config", "training/lora.yaml")
-        if self.option("--lem-distill"):
+        config = load_training_config(config_path)
+        distilling = bool(self.option("--lem-distill"))
+        if distilling and len(config.phases) > 1 and all(phase.data is not None for phase in config.phases):
+            raise TrainingConfigError(
+                f"{config_path}: every phase names its own data, so no phase would train on the self-distilled data of "
+                "--lem-distill; remove 'data' from the phase that should train on it"
+            )
+
+        if distilling:
             data_dir, split = self.distilled(base).data_dir, "train"
         else:
             data_dir, split = self.path_option("--lem-training-data", "training/data"), self.option("--lem-training-split")
@@ -221,7 +230,7 @@ class LemSession:
         try:
             adapter = ensure_adapter(base, data_dir, config_path, train_split=split)
         except TrainingDataError as error:
-            if not self.option("--lem-distill"):
+            if not distilling:
                 raise
             raise TrainingDataError(
                 f"{error}\nThe data was self-distilled from {base}: keep more samples with a lower "
@@ -232,33 +241,55 @@ class LemSession:
         self._adapters[base] = adapter
         return adapter
 
+    def check_options(self) -> None:
+        """Reject option values that cannot work, before anything is loaded or generated."""
+        problems = []
+        for name in ("--lem-max-tokens", "--lem-distill-k", "--lem-distill-max-tokens", "--lem-batch-size"):
+            value = self.option(name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be at least 1, got {value}")
+        k = self.option("--lem-distill-k")
+        temperature = self.option("--lem-distill-temperature")
+        if k > 1 and temperature <= 0:
+            problems.append(
+                f"--lem-distill-k {k} needs --lem-distill-temperature above 0, got {temperature}; "
+                "greedy samples of one probe are all the same"
+            )
+        if self.option("--lem-distill") and self.option("--lem-training-split") != "train":
+            problems.append(
+                "--lem-training-split applies to --lem-training-data; with --lem-distill the model trains on the "
+                "distilled train.jsonl, so drop one of the two options"
+            )
+        if problems:
+            raise pytest.UsageError("; ".join(problems))
+
     def distill_settings(self) -> dict[str, Any]:
         """The self-distillation options of this session, with defaults filled in."""
-        max_tokens = self.option("--lem-distill-max-tokens") or self.option("--lem-max-tokens")
+        max_tokens = self.option("--lem-distill-max-tokens")
         return {
-            "kernel": self.option("--lem-distill-kernel"),
             "k": self.option("--lem-distill-k"),
             "threshold": self.option("--lem-distill-threshold"),
-            "max_tokens": max_tokens,
+            "max_tokens": self.option("--lem-max-tokens") if max_tokens is None else max_tokens,
             "temperature": self.option("--lem-distill-temperature"),
             "top_p": self.option("--lem-top-p"),
             "seed": self.option("--lem-seed"),
-            "probes": [str(self.resolve(value)) for value in self.option("--lem-distill-probes")],
+            "drop_truncated": bool(self.option("--lem-distill-drop-truncated")),
         }
 
-    def distill_probes(self) -> list[Any]:
-        """The probes to distill from: --lem-distill-probes, else the probes of the session's matrix."""
+    def distill_probes(self, paths: Sequence[str | Path] | None = None) -> list[Any]:
+        """The probes to distill from: `paths`, else --lem-distill-probes, else the probes of the session's matrix."""
         from .probes import load_probes
 
-        paths = self.option("--lem-distill-probes")
+        paths = list(paths) if paths is not None else list(self.option("--lem-distill-probes"))
         if not paths:
             return list(self.matrix().probes)
         return load_probes([self.resolve(value) for value in paths], duplicate_ids=self.option("--lem-duplicate-ids"))
 
-    def distill_kernel(self) -> Any:
-        """The kernel condition that distillation samples under: --lem-distill-kernel, else the matrix's first kernel."""
+    def distill_kernel(self, name: str | None = None) -> Any:
+        """The kernel condition that distillation samples under: `name`, else --lem-distill-kernel, else the matrix's first kernel."""
         kernels = self.matrix().kernels
-        name = self.option("--lem-distill-kernel")
+        option = "kernel" if name is not None else "--lem-distill-kernel"
+        name = name if name is not None else self.option("--lem-distill-kernel")
         if name is None:
             if not kernels:
                 raise LemError("self-distillation needs a kernel condition; pass --lem-kernel NAME=PATH")
@@ -267,33 +298,44 @@ class LemSession:
             if kernel.name == name:
                 return kernel
         known = ", ".join(kernel.name for kernel in kernels) or "none"
-        raise LemError(f"--lem-distill-kernel {name}: no such kernel condition; the session has: {known}")
+        raise LemError(f"{option} {name}: no such kernel condition; the session has: {known}")
 
     def distilled(self, base: str, **overrides: Any):
         """Return self-distilled training data from `base` (distill.DistillResult), from the cache when it has it.
 
-        Keyword overrides replace the session's options: kernel (a Kernel), probes, k, threshold,
-        max_tokens, temperature, top_p and seed.
+        Keyword overrides replace the session's options: kernel (a condition name or a Kernel),
+        probes (a path, a list of paths, or a list of Probe objects), k, threshold, max_tokens,
+        temperature, top_p, seed and drop_truncated.
         """
-        from .distill import distilled_data
+        from .distill import check_settings, distilled_data
         from .generation import GenerationParams
 
         settings = self.distill_settings()
-        settings_given = set(overrides)
-        kernel = overrides.pop("kernel", None) or self.distill_kernel()
-        probes = overrides.pop("probes", None) or self.distill_probes()
-        values = {key: overrides.pop(key, settings[key]) for key in ("k", "threshold", "max_tokens", "temperature", "top_p", "seed")}
+        kernel = overrides.pop("kernel", None)
+        if not hasattr(kernel, "text"):
+            kernel = self.distill_kernel(kernel)
+        probes = overrides.pop("probes", None)
+        own_probes = probes is None and not self.option("--lem-distill-probes")
+        if isinstance(probes, (str, Path)):
+            probes = [probes]
+        if probes is None or not all(hasattr(probe, "prompt") for probe in probes):
+            probes = self.distill_probes(probes)
+        values = {key: overrides.pop(key, default) for key, default in settings.items()}
         if overrides:
-            raise TypeError(f"unknown distillation setting(s): {', '.join(sorted(overrides))}")
+            raise TypeError(f"unknown distillation setting(s): {', '.join(sorted(overrides))}; known: kernel, probes, {', '.join(settings)}")
 
-        key = (base, kernel.name, tuple(probe.id for probe in probes), tuple(sorted(values.items())))
+        key = (base, kernel.name, kernel.sha256, tuple((probe.id, probe.prompt) for probe in probes), tuple(sorted(values.items())))
         if key in self._distilled:
             return self._distilled[key]
 
-        params = GenerationParams(
-            max_tokens=values["max_tokens"], temperature=values["temperature"], top_p=values["top_p"], seed=values["seed"],
-        )
-        if not self.option("--lem-distill-probes") and "probes" not in settings_given:
+        try:
+            params = GenerationParams(
+                max_tokens=values["max_tokens"], temperature=values["temperature"], top_p=values["top_p"], seed=values["seed"],
+            )
+            check_settings(values["k"], params)
+        except ValueError as error:
+            raise LemError(f"self-distillation settings: {error}") from None
+        if own_probes:
             self.progress(
                 "self-distillation uses the benchmark's own probes, so the trained model's scores on them are in-sample; "
                 "pass --lem-distill-probes for held-out probes"
@@ -303,12 +345,13 @@ class LemSession:
             f"keeping v2 scores >= {values['threshold']}"
         )
         result = distilled_data(
-            base, probes, kernel, k=values["k"], threshold=values["threshold"], params=params, batch_size=self.batch_size(),
+            base, probes, kernel, k=values["k"], threshold=values["threshold"], params=params,
+            batch_size=self.batch_size(), drop_truncated=values["drop_truncated"],
         )
-        source = " (from the cache)" if result.reused else ""
+        source = " (samples from the cache)" if result.reused else ""
         self.progress(
-            f"self-distillation kept {result.n_kept} of {result.n_samples} samples (keep rate {result.keep_rate:.2f}) "
-            f"in {result.data_dir}{source}"
+            f"self-distillation kept {result.n_kept} of {result.n_samples} samples (keep rate {result.keep_rate:.2f}; "
+            f"{result.n_truncated} reached the token limit) in {result.data_dir}{source}"
         )
         self._distilled[key] = result
         return result
@@ -405,6 +448,7 @@ class LemSession:
         """Build the matrix before collection when cases are requested, so a bad option fails at once."""
         from .plugin import cases_requested
 
+        self.check_options()
         if cases_requested(self.config):
             try:
                 matrix = self.matrix()

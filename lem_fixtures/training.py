@@ -253,22 +253,22 @@ def _load_phases(path: Path, raw_phases: list[Any]) -> tuple[Phase, ...]:
 def resolve_phase_data(config: TrainingConfig, data_dir: str | Path | None) -> list[tuple[Phase, Path]]:
     """Pair each phase with its data directory.
 
-    `data_dir` replaces the data of a single-phase config, and is the data of any phase that
-    names none. A config with several phases that each name their data rejects `data_dir`,
-    because it could not say which phase to replace.
+    `data_dir` replaces the data of a single-phase config, and is the data of every phase that
+    names none. A config whose several phases all name their data rejects `data_dir`, because no
+    phase would train on it.
     """
     where = config.source or "the training config"
     if data_dir is not None and len(config.phases) == 1:
         return [(config.phases[0], Path(data_dir))]
+    if data_dir is not None and all(phase.data is not None for phase in config.phases):
+        raise TrainingConfigError(
+            f"{where}: every phase names its own data, so the data directory {data_dir} would not be used; "
+            "omit the data directory, or remove 'data' from the phase that should train on it"
+        )
 
     pairs = []
     for phase in config.phases:
         if phase.data is not None:
-            if data_dir is not None:
-                raise TrainingConfigError(
-                    f"{where}: phase {phase.name!r} names its own data {phase.data}, and a data directory "
-                    f"{data_dir} was also given; omit the data directory for a config with several phases"
-                )
             pairs.append((phase, phase.data))
         elif data_dir is not None:
             pairs.append((phase, Path(data_dir)))

@@ -278,7 +278,7 @@ def validate_training_data(
     if require_train and train_split not in available:
         hint = f"; the directory has {', '.join(name + '.jsonl' for name in available)}"
         if train_split == "train":
-            hint += ", so pass --train-split valid to train on valid.jsonl"
+            hint += ", so train on valid.jsonl instead: `lem train --train-split valid`, or --lem-training-split=valid under pytest"
         raise TrainingDataError(f"{directory / (train_split + '.jsonl')} not found{hint}")
 
     if tokenizer is not None and not has_chat_template(tokenizer):

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from lem_fixtures.backend import preload_openblas
-from lem_fixtures.distill import DistillResult, distill, distilled_data, sample_seed
+from lem_fixtures.distill import DistillResult, DistillSample, distill, distilled_data, sample_seed, write_distilled
 from lem_fixtures.generation import GenerationParams
 from lem_fixtures.kernels import Kernel, text_sha256
 from lem_fixtures.probes import Probe
@@ -132,10 +132,58 @@ def test_distilled_data_is_cached(tmp_path, tiny, caplog):
     second = distilled_data(tiny.path, PROBES, KERNEL, **options)
 
     assert first.data_dir == second.data_dir
-    assert first.data_dir.parent == tmp_path / "distill"
+    assert first.data_dir.parent.parent == tmp_path / "distill"
+    assert first.data_dir.name == "threshold_-1000.0"
+    assert first.reused is False
+    assert second.reused is True
     assert second.samples == first.samples
     assert json.loads(second.manifest_path.read_text())["data_dir"] == str(second.data_dir)
-    assert sum("reused cached distilled data" in record.getMessage() for record in caplog.records) == 1
+    assert sum("reused 6 cached samples" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_threshold_sweep_reuses_samples(tmp_path, tiny, monkeypatch):
+    import lem_fixtures.models
+
+    options = {"k": 2, "params": PARAMS, "cache_dir": tmp_path}
+    everything = distilled_data(tiny.path, PROBES, KERNEL, threshold=-1000.0, **options)
+
+    # Another threshold selects from the cached samples without loading the model.
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded again")
+
+    monkeypatch.setattr(lem_fixtures.models, "load_model", no_load)
+    scores = sorted(sample.score for sample in everything.samples)
+    stricter = distilled_data(tiny.path, PROBES, KERNEL, threshold=scores[-1], **options)
+    finished = distilled_data(tiny.path, PROBES, KERNEL, threshold=-1000.0, drop_truncated=True, **options)
+
+    assert stricter.reused is True
+    assert stricter.data_dir.parent == everything.data_dir.parent
+    assert stricter.data_dir != everything.data_dir
+    assert [sample.response for sample in stricter.samples] == [sample.response for sample in everything.samples]
+    assert all(sample.score >= scores[-1] for sample in stricter.samples if sample.kept)
+    assert 0 < stricter.n_kept <= everything.n_kept
+    assert finished.data_dir.name == "threshold_-1000.0_finished"
+    assert finished.n_kept_truncated == 0
+    assert finished.n_kept == everything.n_kept - everything.n_kept_truncated
+
+
+def test_every_tenth_kept_example_is_held_out(tmp_path):
+    probes = [Probe(id=f"P{index:02d}", prompt=f"question {index}", category="test", source="inline", index=index, test_id=f"P{index:02d}") for index in range(12)]
+    samples = [
+        DistillSample(probe.id, 0, index, 5.0, True, f"answer {index}", "length" if index % 3 == 0 else "stop")
+        for index, probe in enumerate(probes)
+    ]
+
+    result = write_distilled(tmp_path, probes, samples, kernel=KERNEL, k=1, threshold=0.0)
+
+    assert (result.n_train, result.n_valid) == (11, 1)
+    valid = [json.loads(line) for line in (tmp_path / "valid.jsonl").read_text().splitlines()]
+    assert valid[0]["messages"][0]["content"] == "question 9"
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 11
+    assert result.n_truncated == 4
+    assert result.n_kept_truncated == 4
+    data = validate_training_data(tmp_path)
+    assert data.valid_split == "valid"
 
 
 def write_cli_inputs(tmp_path):

@@ -77,7 +77,7 @@ def test_missing_file(tmp_path):
         load_kernel("json=absent.json", base_dir=tmp_path)
     assert str(raised.value) == (
         f"kernel file not found: {tmp_path / 'absent.json'} (spec 'json=absent.json'); "
-        "check the path, which is relative to the base directory"
+        "check the path or pass an absolute one"
     )
 
 

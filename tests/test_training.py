@@ -161,8 +161,13 @@ def test_phase_data_resolution(tmp_path):
 
     assert [(phase.name, directory) for phase, directory in pairs] == [("one", tmp_path / "first"), ("two", tmp_path / "second")]
     assert config.canonical()["phases"] == [{"name": "one", "iters": 10}, {"name": "two", "iters": 3}]
-    with pytest.raises(TrainingConfigError, match="omit the data directory"):
+    with pytest.raises(TrainingConfigError, match="every phase names its own data, so the data directory .* would not be used"):
         resolve_phase_data(config, tmp_path / "other")
+
+    open_phase = tmp_path / "open.yaml"
+    open_phase.write_text(BASE_CONFIG + "phases: [{name: one, data: first}, {name: two}]\n")
+    pairs = resolve_phase_data(load_training_config(open_phase), tmp_path / "other")
+    assert [(phase.name, directory) for phase, directory in pairs] == [("one", tmp_path / "first"), ("two", tmp_path / "other")]
 
     single = load_training_config(SMOKE_CONFIG)
     assert resolve_phase_data(single, tmp_path / "other")[0][1] == tmp_path / "other"
@@ -245,7 +250,7 @@ def test_fewer_examples_than_batch_size(tmp_path):
 def test_missing_train_split_suggests_valid(tmp_path):
     write_jsonl(tmp_path / "valid.jsonl", [chat("q", "a")])
 
-    with pytest.raises(TrainingDataError, match="pass --train-split valid"):
+    with pytest.raises(TrainingDataError, match="lem train --train-split valid`, or --lem-training-split=valid under pytest"):
         validate_training_data(tmp_path)
     data = validate_training_data(tmp_path, train_split="valid")
     assert data.valid_split is None
@@ -570,7 +575,7 @@ def test_cli_uses_cache_and_train_split(tmp_path, tiny_dirs, tiny_config_file, c
     argv = ["--model", str(tiny_dirs["chatml"]), "--data", str(data), "--config", str(tiny_config_file), "--cache-dir", str(tmp_path / "cache")]
 
     assert main(argv) == 1
-    assert "pass --train-split valid" in capsys.readouterr().err
+    assert "`lem train --train-split valid`" in capsys.readouterr().err
 
     assert main(argv + ["--train-split", "valid"]) == 0
     captured = capsys.readouterr()

@@ -156,6 +156,59 @@ def test_lem_distill_threshold_sets_keep_rate(tiny_project, tiny_model_dir):
     result.assert_outcomes(passed=1)
 
 
+def test_lem_distill_takes_names_and_paths(tiny_project, tiny_model_dir):
+    (tiny_project.path / "heldout.json").write_text(json.dumps([{"id": "H01_HELD", "prompt": "is a promise binding ?"}]))
+    tiny_project.makepyfile(
+        test_distilled=(
+            "def test_overrides(lem_distill):\n"
+            "    result = lem_distill(kernel='kind', probes='heldout.json', k=2, threshold=-1000.0)\n"
+            "    assert result.kernel == 'kind'\n"
+            "    assert {sample.probe_id for sample in result.samples} == {'H01_HELD'}\n"
+            "    assert result.n_samples == 2\n"
+        )
+    )
+
+    result = tiny_project.runpytest_subprocess(*tiny_options(tiny_model_dir))
+
+    result.assert_outcomes(passed=1)
+    # Probes named by the test are not the benchmark's, so there is no in-sample warning.
+    assert "in-sample" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--lem-distill-k=0"], "--lem-distill-k must be at least 1, got 0"),
+        (["--lem-distill-max-tokens=0"], "--lem-distill-max-tokens must be at least 1, got 0"),
+        (["--lem-distill-temperature=0"], "--lem-distill-k 4 needs --lem-distill-temperature above 0, got 0.0"),
+        (["--lem-distill", "--lem-training-split=valid"], "--lem-training-split applies to --lem-training-data"),
+    ],
+)
+def test_bad_distill_options_are_usage_errors(tiny_project, tiny_model_dir, options, message):
+    tiny_project.makepyfile(test_distilled="def test_data(lem_distilled):\n    assert lem_distilled\n")
+
+    result = tiny_project.runpytest_subprocess(*tiny_options(tiny_model_dir), *options)
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+
+
+def test_config_is_checked_before_distilling(tiny_project, tiny_model_dir):
+    (tiny_project.path / "phases.yaml").write_text(TINY_CONFIG + "phases: [{name: one, data: data}, {name: two, data: data}]\n")
+    tiny_project.makepyfile(test_train="def test_adapter(lem_adapter):\n    assert lem_adapter\n")
+
+    missing = tiny_project.runpytest_subprocess(*tiny_options(tiny_model_dir), "--lem-distill", "--lem-training-config=nope.yaml")
+    phases = tiny_project.runpytest_subprocess(*tiny_options(tiny_model_dir), "--lem-distill", "--lem-training-config=phases.yaml")
+
+    missing.assert_outcomes(errors=1)
+    missing.stdout.fnmatch_lines(["*training config *nope.yaml not found; pass an existing YAML file*"])
+    phases.assert_outcomes(errors=1)
+    phases.stdout.fnmatch_lines(["*every phase names its own data, so no phase would train on the self-distilled data*"])
+    for result in (missing, phases):
+        assert "self-distillation from" not in result.stdout.str()
+
+
 def test_unknown_distill_kernel_names_the_choices(tiny_project, tiny_model_dir):
     tiny_project.makepyfile(test_distilled="def test_data(lem_distilled):\n    assert lem_distilled\n")
 
