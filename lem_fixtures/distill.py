@@ -58,7 +58,7 @@ class DistillResult:
 
     n_train and n_valid split the kept examples between train.jsonl and valid.jsonl.
     n_truncated counts the samples that stopped at the token limit, n_kept_truncated those of
-    them that were kept; drop_truncated says whether such samples were refused.
+    them that were kept; drop_truncated is true when such samples were refused.
     """
 
     data_dir: Path
@@ -308,7 +308,7 @@ def distilled_data(
     temporary file under a file lock, so concurrent pytest-xdist workers sample once. Each
     threshold (and drop_truncated) then gets its own data folder <key>/threshold_<value>/, made
     from the cached samples without loading the model. The model is loaded only when the samples
-    are missing. `reused` in the result says whether they were.
+    are missing; `reused` in the result is true when they were found.
     """
     from filelock import FileLock
 

@@ -282,7 +282,7 @@ def summary_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
 
 
 def effect_rows(effects: Sequence[Effect]) -> list[list[Any]]:
-    """Table rows of effects; an interval from fewer than two probes says nothing, so it shows as n/a."""
+    """Table rows of effects. An interval from fewer than two probes carries no information, so it shows as n/a."""
     rows = []
     for effect in effects:
         interval = f"[{effect.low:+.2f}, {effect.high:+.2f}]" if effect.n >= 2 else "n/a (one probe)"
