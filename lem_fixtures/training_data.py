@@ -279,6 +279,8 @@ def validate_training_data(
         hint = f"; the directory has {', '.join(name + '.jsonl' for name in available)}"
         if train_split == "train":
             hint += ", so train on valid.jsonl instead: `lem train --train-split valid`, or --lem-training-split=valid under pytest"
+        else:
+            hint += ", so choose one of those with `lem train --train-split`, or --lem-training-split under pytest"
         raise TrainingDataError(f"{directory / (train_split + '.jsonl')} not found{hint}")
 
     if tokenizer is not None and not has_chat_template(tokenizer):

@@ -254,6 +254,8 @@ def test_missing_train_split_suggests_valid(tmp_path):
         validate_training_data(tmp_path)
     data = validate_training_data(tmp_path, train_split="valid")
     assert data.valid_split is None
+    with pytest.raises(TrainingDataError, match="test.jsonl not found; the directory has valid.jsonl, so choose one of those"):
+        validate_training_data(tmp_path, train_split="test")
 
 
 def test_reference_training_dir_validates(lem_reference):
