@@ -273,19 +273,9 @@ def test_distilled_training_failure_suggests_lower_threshold(tiny_project, tiny_
 
 
 @pytest.mark.smoke
-def test_self_distilled_model_joins_matrix_and_reports(pytester, monkeypatch):
+def test_self_distilled_model_joins_matrix_and_reports(small_project):
     """SmolLM2 distills from two probes, trains on what it kept, and the report shows both training tables."""
-    probes = pytester.path / "probes"
-    probes.mkdir()
-    (probes / "P-small.json").write_text(
-        '[{"id": "P01_TEST_CAPITAL", "domain": "Geography", "prompt": "What is the capital of France?"},\n'
-        ' {"id": "P02_TEST_KIND", "domain": "Ethics", "prompt": "Is it kind to share a secret?"}]\n'
-    )
-    shutil.copytree(REPO / "kernel", pytester.path / "kernel")
-    pytester.makepyfile(test_benchmark_cases=CASE_TEST)
-    pytester.makeini("[pytest]\n")
-
-    result = pytester.runpytest_subprocess(
+    result = small_project.runpytest_subprocess(
         "-m", "p20", "--lem-model=smollm2-135m-instruct", "--lem-model=smollm2-135m-instruct+lek",
         "--lem-max-tokens=8", "--lem-report-dir=out", "--snapshot-update", "-s",
         "--lem-distill", "--lem-distill-k=2", "--lem-distill-threshold=-100", "--lem-distill-max-tokens=24",
@@ -299,7 +289,7 @@ def test_self_distilled_model_joins_matrix_and_reports(pytester, monkeypatch):
         "*self-distillation uses the benchmark's own probes*",
         "*self-distillation from smollm2-135m-instruct: 2 probes x 2 samples under json*",
     ])
-    run_dir = next((pytester.path / "out").iterdir())
+    run_dir = next((small_project.path / "out").iterdir())
     log = json.loads((run_dir / "run.json").read_text())
     (run,) = log["training_runs"]
     assert run["model"] == "smollm2-135m-instruct+lek"
