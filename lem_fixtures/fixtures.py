@@ -105,7 +105,7 @@ def lem_train(lem_session: LemSession) -> Callable[..., Any]:
     ) -> Any:
         base = model or _default_base(lem_session)
         data_dir = lem_session.resolve(data) if data is not None else lem_session.path_option("--lem-training-data", "training/data")
-        config_path = lem_session.resolve(config) if config is not None else lem_session.path_option("--lem-training-config", "training/lora.yaml")
+        config_path = lem_session.resolve(config) if config is not None else lem_session.training_config_path()
         return _or_fail(ensure_adapter, base, data_dir, config_path, train_split=split or lem_session.option("--lem-training-split"))
 
     return train

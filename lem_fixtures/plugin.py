@@ -98,7 +98,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="what a repeated probe id with another prompt does: fail (error, the default) or get a ~N suffix (number)",
     )
     group.addoption("--lem-cases", action="store_true", help="run the probe cases even without a case marker in -m")
-    group.addoption("--lem-training-config", default=None, metavar="FILE", help="LoRA configuration for NAME+lek models (default: training/lora.yaml)")
+    group.addoption("--lem-training-config", default=None, metavar="FILE", help="LoRA configuration for NAME+lek models (default: training/lora.yaml of the project, else the suite's paper config)")
     group.addoption("--lem-training-data", default=None, metavar="DIR", help="training data for NAME+lek models (default: training/data)")
     group.addoption(
         "--lem-training-split", choices=("train", "valid", "test"), default="train",

@@ -213,7 +213,7 @@ class LemSession:
 
         from .training import ensure_adapter, load_training_config
 
-        config_path = self.path_option("--lem-training-config", "training/lora.yaml")
+        config_path = self.training_config_path()
         config = load_training_config(config_path)
         distilling = bool(self.option("--lem-distill"))
         if distilling and len(config.phases) > 1 and all(phase.data is not None for phase in config.phases):
@@ -240,6 +240,16 @@ class LemSession:
         self.progress(f"LoRA adapter {adapter.key[:16]} for {base} {status}: {adapter.path}")
         self._adapters[base] = adapter
         return adapter
+
+    def training_config_path(self) -> Path:
+        """The LoRA config: --lem-training-config, else training/lora.yaml of the project, else the suite's own paper config."""
+        from .training import DEFAULT_CONFIG
+
+        path = self.path_option("--lem-training-config", "training/lora.yaml")
+        if not self.option("--lem-training-config") and not path.is_file() and DEFAULT_CONFIG.is_file():
+            logger.info("%s not found; using the suite's paper config %s", path, DEFAULT_CONFIG)
+            return DEFAULT_CONFIG
+        return path
 
     def check_options(self) -> None:
         """Reject option values that cannot work, before anything is loaded or generated."""

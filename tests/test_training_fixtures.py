@@ -241,6 +241,26 @@ def test_lem_train_and_lem_adapter_share_the_cache(tiny_project, tiny_model_dir)
     assert second.stdout.str().split("ADAPTER ", 1)[1].split()[:4] == [key, "False", key, "False"]
 
 
+def test_training_config_falls_back_to_paper_config(tiny_project):
+    tiny_project.makepyfile(
+        test_config=(
+            "from lem_fixtures.training import DEFAULT_CONFIG\n"
+            "def test_config(lem_session):\n"
+            "    print('CONFIG', lem_session.training_config_path(), DEFAULT_CONFIG)\n"
+        )
+    )
+
+    fallback = tiny_project.runpytest_subprocess("-s")
+    (tiny_project.path / "training").mkdir()
+    shutil.copy(tiny_project.path / "tiny.yaml", tiny_project.path / "training" / "lora.yaml")
+    own = tiny_project.runpytest_subprocess("-s")
+
+    used, default = fallback.stdout.str().split("CONFIG ", 1)[1].split()[:2]
+    assert used == default
+    assert default.endswith("training/lora.yaml")
+    assert own.stdout.str().split("CONFIG ", 1)[1].split()[0] == str(tiny_project.path / "training" / "lora.yaml")
+
+
 def test_lem_train_reports_invalid_data(tiny_project, tiny_model_dir):
     bad = tiny_project.path / "bad"
     bad.mkdir()
