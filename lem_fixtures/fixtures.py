@@ -72,7 +72,7 @@ def lem_distill(lem_session: LemSession) -> Callable[..., Any]:
     The data is cached across sessions and distilled once under pytest-xdist.
     """
     def distill(model: str | None = None, **settings: Any) -> Any:
-        return _or_fail(lem_session.distilled, model or _default_base(lem_session), **settings)
+        return _or_fail(lem_session.training.distilled, model or _default_base(lem_session), **settings)
 
     return distill
 
@@ -105,7 +105,7 @@ def lem_train(lem_session: LemSession) -> Callable[..., Any]:
     ) -> Any:
         base = model or _default_base(lem_session)
         data_dir = lem_session.resolve(data) if data is not None else lem_session.path_option("--lem-training-data", "training/data")
-        config_path = lem_session.resolve(config) if config is not None else lem_session.training_config_path()
+        config_path = lem_session.resolve(config) if config is not None else lem_session.training.config_path()
         return _or_fail(ensure_adapter, base, data_dir, config_path, train_split=split or lem_session.option("--lem-training-split"))
 
     return train
@@ -118,7 +118,7 @@ def lem_adapter(lem_session: LemSession) -> Any:
     It is the adapter that the trained cases load: --lem-training-data, or self-distilled data
     with --lem-distill, and --lem-training-config.
     """
-    return _or_fail(lem_session.adapter, _default_base(lem_session))
+    return _or_fail(lem_session.training.adapter, _default_base(lem_session))
 
 
 @pytest.fixture

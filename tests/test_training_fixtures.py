@@ -246,7 +246,7 @@ def test_training_config_falls_back_to_paper_config(tiny_project):
         test_config=(
             "from lem_fixtures.training import DEFAULT_CONFIG\n"
             "def test_config(lem_session):\n"
-            "    print('CONFIG', lem_session.training_config_path(), DEFAULT_CONFIG)\n"
+            "    print('CONFIG', lem_session.training.config_path(), DEFAULT_CONFIG)\n"
         )
     )
 
