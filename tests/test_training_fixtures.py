@@ -261,6 +261,26 @@ def test_training_config_falls_back_to_paper_config(tiny_project):
     assert own.stdout.str().split("CONFIG ", 1)[1].split()[0] == str(tiny_project.path / "training" / "lora.yaml")
 
 
+def test_xdist_workers_train_once(tiny_project, tiny_model_dir):
+    tiny_project.makepyfile(
+        test_train=(
+            "import json, os\n"
+            "def test_adapter(lem_adapter):\n"
+            "    worker = os.environ['PYTEST_XDIST_WORKER']\n"
+            "    record = {'trained': lem_adapter.trained, 'key': lem_adapter.key}\n"
+            "    open(f'{worker}.json', 'w').write(json.dumps(record))\n"
+        )
+    )
+    options = [*tiny_options(tiny_model_dir), "--lem-training-config=tiny.yaml", "--lem-training-data=data"]
+
+    result = tiny_project.runpytest_subprocess(*options, "-n", "2", "--dist", "each")
+
+    result.assert_outcomes(passed=2)
+    records = [json.loads((tiny_project.path / f"gw{number}.json").read_text()) for number in (0, 1)]
+    assert sorted(record["trained"] for record in records) == [False, True]
+    assert records[0]["key"] == records[1]["key"]
+
+
 def test_lem_train_reports_invalid_data(tiny_project, tiny_model_dir):
     bad = tiny_project.path / "bad"
     bad.mkdir()
