@@ -202,12 +202,13 @@ class LemSession:
         return self.training.adapter(base).path
 
     def check_options(self) -> None:
-        """Reject generation option values that cannot work, before anything is loaded or generated."""
+        """Reject option values that cannot work, before anything is loaded or generated."""
         problems = []
-        for name in ("--lem-max-tokens", "--lem-batch-size"):
+        for name in ("--lem-max-tokens", "--lem-batch-size", "--lem-distill-k", "--lem-distill-max-tokens"):
             value = self.option(name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be at least 1, got {value}")
+        problems.extend(self.training.option_problems())
         if problems:
             raise pytest.UsageError("; ".join(problems))
 
@@ -304,7 +305,6 @@ class LemSession:
         from .plugin import cases_requested
 
         self.check_options()
-        self.training.check_options()
         if cases_requested(self.config):
             try:
                 matrix = self.matrix()

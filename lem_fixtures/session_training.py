@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytest
-
 from .errors import LemError, TrainingConfigError, TrainingDataError
 
 if TYPE_CHECKING:
@@ -34,13 +32,9 @@ class SessionTraining:
     def option(self, name: str) -> Any:
         return self.session.option(name)
 
-    def check_options(self) -> None:
-        """Reject training and distillation option values that cannot work, before anything is loaded or generated."""
+    def option_problems(self) -> list[str]:
+        """Return why the training and distillation options cannot work together; LemSession.check_options raises them."""
         problems = []
-        for name in ("--lem-distill-k", "--lem-distill-max-tokens"):
-            value = self.option(name)
-            if value is not None and value < 1:
-                problems.append(f"{name} must be at least 1, got {value}")
         k = self.option("--lem-distill-k")
         temperature = self.option("--lem-distill-temperature")
         if k > 1 and temperature <= 0:
@@ -53,8 +47,7 @@ class SessionTraining:
                 "--lem-training-split applies to --lem-training-data; with --lem-distill the model trains on the "
                 "distilled train.jsonl, so drop one of the two options"
             )
-        if problems:
-            raise pytest.UsageError("; ".join(problems))
+        return problems
 
     def adapter(self, base: str):
         """Return the session's LoRA adapter for a base model (training.CachedAdapter), training it on first use.

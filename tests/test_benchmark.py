@@ -228,10 +228,10 @@ def test_cli_duplicate_ids_option(tiny_setup, monkeypatch, capsys):
     repeated.write_text(json.dumps([TINY_PROBES[0], {**TINY_PROBES[0], "prompt": "another prompt"}]))
     argv = ["--model", config.model, "--prompts", str(repeated), "--kernel", config.kernel_specs[0], "--max-tokens", "2"]
 
-    refused = benchmark.main([*argv, "--output", str(config.output)])
+    rejected = benchmark.main([*argv, "--output", str(config.output)])
     numbered = benchmark.main([*argv, "--output", str(config.output), "--duplicate-ids", "number"])
 
-    assert refused == 1
+    assert rejected == 1
     assert "P01_TINY_HELLO" in capsys.readouterr().err
     assert numbered == 0
     assert [line["id"] for line in read_ab_file(config.output).probes] == ["P01_TINY_HELLO", "P01_TINY_HELLO~2"]

@@ -66,7 +66,7 @@ def tiny_options(model_dir: Path) -> list[str]:
     return [f"--lem-model={model_dir}", "--lem-kernel=kind=kind.txt", "--lem-distill-max-tokens=6", "-s"]
 
 
-def kept_line(output: str) -> str:
+def kept_summary_line(output: str) -> str:
     return next(line for line in output.splitlines() if line.startswith("KEPT "))
 
 
@@ -83,12 +83,12 @@ def test_lem_distilled_writes_examples_without_kernel(tiny_project, tiny_model_d
     first = tiny_project.runpytest_subprocess(*options)
 
     first.assert_outcomes(passed=1)
-    _, kept, samples, rate, data_dir = kept_line(first.stdout.str()).split(" ", 4)
-    assert int(samples) == 3 * len(PROBES)
+    _, n_kept, n_samples, rate, data_dir = kept_summary_line(first.stdout.str()).split(" ", 4)
+    assert int(n_samples) == 3 * len(PROBES)
     # A threshold this low keeps every sample with text.
     manifest = json.loads((Path(data_dir) / "distill.json").read_text())
-    assert int(kept) == sum(1 for sample in manifest["samples"] if sample["response"].strip())
-    assert float(rate) == pytest.approx(int(kept) / int(samples))
+    assert int(n_kept) == sum(1 for sample in manifest["samples"] if sample["response"].strip())
+    assert float(rate) == pytest.approx(int(n_kept) / int(n_samples))
     assert manifest["k"] == 3
     assert manifest["threshold"] == -1000.0
     assert manifest["params"]["temperature"] == 0.7
@@ -96,7 +96,7 @@ def test_lem_distilled_writes_examples_without_kernel(tiny_project, tiny_model_d
     assert len({sample["seed"] for sample in manifest["samples"]}) == 3 * len(PROBES)
 
     examples = [json.loads(line) for line in (Path(data_dir) / "train.jsonl").read_text().splitlines()]
-    assert len(examples) == int(kept)
+    assert len(examples) == int(n_kept)
     prompts = {probe["prompt"] for probe in PROBES}
     for example in examples:
         user, assistant = example["messages"]
@@ -110,7 +110,7 @@ def test_lem_distilled_writes_examples_without_kernel(tiny_project, tiny_model_d
     second = tiny_project.runpytest_subprocess(*options)
 
     second.assert_outcomes(passed=1)
-    assert kept_line(second.stdout.str()) == kept_line(first.stdout.str())
+    assert kept_summary_line(second.stdout.str()) == kept_summary_line(first.stdout.str())
     assert (Path(data_dir) / "distill.json").stat().st_mtime_ns == stamp
 
 
@@ -143,11 +143,12 @@ def test_lem_distill_threshold_sets_keep_rate(tiny_project, tiny_model_dir):
             "    scores = sorted(sample.score for sample in everything.samples)\n"
             "    middle = lem_distill(k=2, threshold=scores[len(scores) // 2])\n"
             "    print('RATES', everything.keep_rate, nothing.keep_rate, middle.keep_rate, middle.mean_kept_score, scores)\n"
-            "    assert nothing.n_kept == 0 and nothing.mean_kept_score is None\n"
+            "    assert nothing.n_kept == 0\n"
+            "    assert nothing.mean_kept_score is None\n"
             "    assert (nothing.data_dir / 'train.jsonl').read_text() == ''\n"
-            "    kept = [s.score for s in middle.samples if s.kept]\n"
-            "    assert all(score >= scores[len(scores) // 2] for score in kept)\n"
-            "    assert middle.mean_kept_score == sum(kept) / len(kept)\n"
+            "    kept_scores = [s.score for s in middle.samples if s.kept]\n"
+            "    assert all(score >= scores[len(scores) // 2] for score in kept_scores)\n"
+            "    assert middle.mean_kept_score == sum(kept_scores) / len(kept_scores)\n"
         )
     )
 
