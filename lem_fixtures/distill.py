@@ -58,7 +58,7 @@ class DistillResult:
 
     n_train and n_valid split the kept examples between train.jsonl and valid.jsonl.
     n_truncated counts the samples that stopped at the token limit, n_kept_truncated those of
-    them that were kept; drop_truncated is true when such samples were refused.
+    them that were kept; drop_truncated is true when such samples were rejected.
     """
 
     data_dir: Path
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--drop-truncated", action="store_true",
-        help="refuse samples that stopped at --max-tokens, whatever their score (default: keep them)",
+        help="reject samples that stopped at --max-tokens, whatever their score (default: keep them)",
     )
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold in (0, 1] (default: 1)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N", help=f"maximum tokens per sample (default: {DEFAULT_MAX_TOKENS})")

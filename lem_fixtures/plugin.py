@@ -132,7 +132,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--lem-distill-drop-truncated", action="store_true",
-        help="refuse self-distilled samples that stopped at the token limit, whatever their score",
+        help="reject self-distilled samples that stopped at the token limit, whatever their score",
     )
     group.addoption(
         "--lem-distill-probes", action="append", default=[], metavar="PATH",
